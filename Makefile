@@ -1,0 +1,59 @@
+# reglab: `make help` lists the targets. Every target sets up .venv by itself on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+DIR ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train sweep report test test-fast lint format bench reproduce wandb-sync clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first on its own: here it resolves to wheels on local disk (see ../shared/ENVIRONMENT.md)
+	$(PY) -m pip install --quiet torch torchvision
+	$(PY) -m pip install --quiet -e '.[dev,optuna]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install reglab with its dev extra
+
+train: $(STAMP) ## run the default experiment (MLP on MNIST-1D); extra overrides via ARGS='...'
+	$(PY) train.py $(ARGS)
+
+sweep: $(STAMP) ## every regularizer at its default strength vs none, 3 seeds, then the comparison report
+	$(PY) train.py -m hydra/launcher=joblib regularizer=none,l1,l2,dropout,early_stopping,label_smoothing trainer.seed=0,1,2 $(ARGS)
+
+report: $(STAMP) ## comparison report of a multirun directory: make report DIR=outputs/multiruns/...
+	@test -n "$(DIR)" || { echo "usage: make report DIR=<multirun directory>"; exit 2; }
+	$(PY) -m reglab.report $(DIR)
+
+test: $(STAMP) ## run the whole test suite
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP) ## the tests without the slow end-to-end ones
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff lint and format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP) ## ruff format and autofix
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: $(STAMP) ## speed and memory benchmark; writes docs/performance.md
+	$(PY) benchmarks/bench.py $(ARGS)
+
+wandb-sync: $(STAMP) ## upload every offline W&B run under outputs/ (needs `wandb login` first)
+	@runs=$$(find outputs -type d -name 'offline-run-*' 2>/dev/null); \
+	if [ -z "$$runs" ]; then echo "no offline W&B runs under outputs/"; else $(VENV)/bin/wandb sync $$runs; fi
+
+clean: ## remove outputs, caches and the venv
+	rm -rf outputs/runs outputs/multiruns .pytest_cache .ruff_cache $(VENV) src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,453 @@
+"""The training loop: set-up, data, model, optimizer, epochs, evaluation, record. Read it top to bottom.
+
+`train(cfg, run_dir, job)` runs one configuration and returns the validation objective (the evaluated model's
+val/loss), so that Optuna-style sweepers can minimize it. It knows Hydra only through the plain `cfg` dict and the
+`Job` facts the entrypoint hands over, and regularization only through the hooks of `reglab.regularizers`.
+
+Speed (small models are overhead-bound, so the loop's own overhead is the cost): the data live on the training
+device and batches come from `randperm` indexing; the step never syncs with the host (losses are stacked and read
+once per epoch); evaluation is one large-batch pass under `inference_mode`, from which every diagnostic is computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from reglab import checkpoint, diagnostics
+from reglab.data import DataSplits, load_dataset
+from reglab.errors import ConfigError
+from reglab.models import build_model
+from reglab.regularizers import Regularization, build_regularization
+from reglab.regularizers.early_stopping import EarlyStopping
+from reglab.tracking import RunRecord, start_wandb
+
+FINISHED = ("completed", "early_stopped")
+
+
+@dataclass
+class Job:
+    """What the entrypoint knows about this job beyond its config."""
+
+    overrides: list[str] = field(default_factory=list)
+    group: str | None = None  # the sweep's name; W&B groups a sweep's runs by it
+    multirun: bool = False
+    parallel: bool = False  # started by a parallel launcher (joblib, submitit): stay quiet
+
+
+class Interrupted(Exception):
+    """SIGTERM or Ctrl-C arrived; a resumable checkpoint was written."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One run
+
+
+def train(cfg: dict, run_dir: Path, job: Job) -> float:
+    """Train one configuration in `run_dir`; returns the evaluated model's val/loss (NaN when the run failed)."""
+    run_dir = Path(run_dir)
+    finished = checkpoint.finished_summary(run_dir) if cfg["trainer"]["resume"] else None
+    if finished is not None:
+        print(f"[reglab] {run_dir} already finished ({finished['status']}): skipped")
+        return finished.get("val/loss") or math.nan
+
+    device = setup_process(cfg["trainer"])
+    data = load_dataset(_Node(cfg["dataset"])).to(device)
+    regs = build_regularization(cfg["regularizer"])
+    model = build_model(_Node(cfg["model"]), data.input_shape, data.num_classes, regs.dropout_plan()).to(device)
+    regs.setup(model)
+    optimizer = build_optimizer(cfg["optimizer"], model, regs, cfg["trainer"]["fused_optimizer"], device)
+    scheduler = build_scheduler(cfg["trainer"], optimizer)
+
+    state = TrainState(cfg=cfg, run_dir=run_dir, job=job, device=device)
+    if cfg["trainer"]["resume"]:
+        checkpoint.resume(cfg["trainer"]["resume"], run_dir, model, optimizer, scheduler, regs, state)
+    else:
+        checkpoint.clear_stale_files(run_dir)
+    wandb_run = start_wandb(
+        cfg["logger"], run_dir=run_dir, name=run_name(job.overrides), group=job.group, job_type="train",
+        config=cfg, tags=regs.names or ["none"], resume_id=state.wandb_id,
+    )
+    state.wandb_id = getattr(wandb_run, "id", None)
+    record = RunRecord(run_dir, wandb_run)
+    try:
+        with stop_on_signals(state):
+            fit(model, data, optimizer, scheduler, regs, state, record)
+        summary = finish(model, data, regs, state, record)
+    except Interrupted:
+        record.finish(failed=True)
+        raise
+    except Exception as err:
+        summary = failure_summary(state, err)
+        record.write_summary(summary)
+        record.finish(failed=True)
+        if should_raise(cfg["trainer"]["on_error"], job):
+            raise
+        print(f"[reglab] job failed: {summary['error']} (recorded in {run_dir / 'summary.json'}; the sweep goes on)")
+        return math.nan
+    record.finish(failed=summary["status"] not in FINISHED)
+    return summary["val/loss"] if summary["val/loss"] is not None else math.nan
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while training, and what a checkpoint must restore."""
+
+    cfg: dict
+    run_dir: Path
+    job: Job
+    device: torch.device
+    epoch: int = 0  # epochs completed
+    history: list[dict] = field(default_factory=list)
+    status: str = "running"
+    stop_reason: str | None = None
+    train_time_s: float = 0.0
+    wandb_id: str | None = None
+    batch_generator: torch.Generator = field(default_factory=torch.Generator)
+    best: EarlyStopping | None = None  # tracks the best val/loss epoch for best.pt, never stops training
+    stop_requested: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+def setup_process(trainer: dict) -> torch.device:
+    """Threads, denormals, seeds and device: the process-wide settings, all explicit in the config."""
+    torch.set_num_threads(trainer["threads"])
+    torch.set_flush_denormal(trainer["flush_denormal"])  # tiny weights become 0 instead of slow denormal floats
+    seed = trainer["seed"]
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # weight init and dropout masks
+    if trainer["device"] == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(trainer["device"])
+
+
+def build_optimizer(opt: dict, model: nn.Module, regs: Regularization, fused: bool, device) -> torch.optim.Optimizer:
+    """The optimizer; built-in weight decay (coupled, or decoupled via AdamW) comes from the L2 technique."""
+    from reglab.regularizers.l1_l2 import decay_parameter_groups
+
+    weight_decay, decoupled = regs.optimizer_decay()
+    l2 = regs.get("l2")
+    exclude = getattr(l2, "exclude_bias_and_norm", True)
+    groups = decay_parameter_groups(model, weight_decay, exclude) if weight_decay else model.parameters()
+    common = dict(lr=opt["lr"], weight_decay=0.0)
+    if fused and (device.type == "cuda" or device.type == "cpu"):
+        common["fused"] = True  # one kernel for the whole update instead of one per tensor (~1.35x on CPU here)
+    if opt["name"] == "sgd":
+        return torch.optim.SGD(groups, momentum=opt["momentum"], nesterov=opt["nesterov"], **common)
+    adam = torch.optim.AdamW if (opt["name"] == "adamw" or decoupled) else torch.optim.Adam
+    return adam(groups, betas=tuple(opt["betas"]), eps=opt["eps"], **common)
+
+
+def build_scheduler(trainer: dict, optimizer):
+    if trainer["lr_schedule"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=trainer["epochs"])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The epochs
+
+
+def fit(model, data: DataSplits, optimizer, scheduler, regs: Regularization, state: TrainState, record: RunRecord):
+    trainer = state.cfg["trainer"]
+    if state.best is None:
+        state.best = EarlyStopping(monitor="val/loss", patience=trainer["epochs"] + 1, check_finite=False)
+        state.batch_generator.manual_seed(trainer["seed"])
+    progress = Progress(trainer["progress"], trainer["epochs"], state.job.parallel)
+    precision = autocast(trainer["precision"], state.device)
+    while state.epoch < trainer["epochs"]:
+        epoch = state.epoch + 1
+        started = time.perf_counter()
+        losses = train_one_epoch(model, data, optimizer, regs, trainer["batch_size"], state.batch_generator, precision)
+        if scheduler is not None:
+            scheduler.step()
+        state.train_time_s += time.perf_counter() - started
+        metrics = epoch_metrics(model, data, regs, losses, optimizer, trainer["eval_batch_size"], epoch)
+        metrics["time_s"] = round(time.perf_counter() - state.started, 4)
+        state.history.append(metrics)
+        record.log_epoch(metrics)
+        progress.update(metrics)
+        state.epoch = epoch
+        if not math.isfinite(metrics["loss/total"]):
+            state.status, state.stop_reason = "diverged", f"non-finite training loss at epoch {epoch}"
+            break
+        state.best.step(metrics["val/loss"], epoch, model=model)
+        if regs.end_epoch(metrics, epoch, model):
+            state.status, state.stop_reason = "early_stopped", _stop_reason(regs)
+            break
+        if state.stop_requested:
+            checkpoint.save(state, model, optimizer, scheduler, regs)
+            raise Interrupted(state.stop_requested)
+        if trainer["checkpoint_every"] and epoch % trainer["checkpoint_every"] == 0:
+            checkpoint.save(state, model, optimizer, scheduler, regs)
+    progress.close()
+    if state.status == "running":
+        state.status = "completed"
+
+
+def train_one_epoch(model, data: DataSplits, optimizer, regs: Regularization, batch_size: int, generator, precision):
+    """One pass over the training set in random order; returns the mean data loss and penalty (0-d tensors)."""
+    model.train()
+    n = len(data.y_train)
+    order = torch.randperm(n, generator=generator).to(data.x_train.device)
+    data_losses, penalties = [], []
+    for start in range(0, n, batch_size):
+        batch = order[start : start + batch_size]
+        with precision:
+            logits = model(data.x_train[batch])
+            data_loss = regs.data_loss(logits.float(), data.y_train[batch])
+        penalty = regs.penalty()
+        loss = data_loss if penalty is None else data_loss + penalty
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        regs.before_step(optimizer)
+        optimizer.step()
+        regs.after_step(optimizer)
+        data_losses.append(data_loss.detach())
+        if penalty is not None:
+            penalties.append(penalty.detach())
+    mean_penalty = torch.stack(penalties).mean() if penalties else torch.zeros((), device=data.x_train.device)
+    return torch.stack(data_losses).mean(), mean_penalty
+
+
+def epoch_metrics(model, data: DataSplits, regs, losses, optimizer, eval_batch_size: int, epoch: int) -> dict:
+    """Train and validation metrics from one eval-mode pass each (train in eval mode: dropout would distort it)."""
+    data_loss, penalty = losses
+    train = evaluate(model, data.x_train, data.y_train, regs, eval_batch_size)
+    val = evaluate(model, data.x_val, data.y_val, regs, eval_batch_size)
+    values = {
+        "loss/data": data_loss, "loss/penalty": penalty, "loss/total": data_loss + penalty,
+        **{f"train/{k}": v for k, v in train.items() if k in ("loss", "acc")},
+        **{f"val/{k}": v for k, v in val.items()},
+    }
+    names = list(values)
+    numbers = dict(zip(names, torch.stack([values[k].float() for k in names]).tolist(), strict=True))  # one sync
+    return {
+        "epoch": epoch,
+        **numbers,
+        "gap/loss": numbers["val/loss"] - numbers["train/loss"],
+        "gap/acc": numbers["train/acc"] - numbers["val/acc"],
+        **diagnostics.weight_statistics(model),
+        "lr": optimizer.param_groups[0]["lr"],
+    }
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+
+
+def evaluate(model, x: Tensor, y: Tensor, regs: Regularization, batch_size: int) -> dict[str, Tensor]:
+    """loss (the training objective's data loss), nll, acc, ece, confidence: 0-d tensors, no host sync."""
+    logits = predict(model, x, batch_size)
+    with torch.inference_mode():
+        return {"loss": regs.data_loss(logits, y), **diagnostics.prediction_metrics(logits, y)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The end of a run: restore, final evaluation, files, summary
+
+
+def finish(model, data: DataSplits, regs: Regularization, state: TrainState, record: RunRecord) -> dict:
+    regs.end_training(model)  # early stopping restores its best weights here, whatever ended training
+    cfg, run_dir = state.cfg, state.run_dir
+    batch = cfg["trainer"]["eval_batch_size"]
+    final = {
+        split: as_floats(evaluate(model, x, y, regs, batch))
+        for split, (x, y) in {
+            "train": (data.x_train, data.y_train),
+            "val": (data.x_val, data.y_val),
+            "test": (data.x_test, data.y_test),
+        }.items()
+    }
+    summary = build_summary(state, regs, final, diagnostics.weight_statistics(model))
+    summary.update(mc_dropout_metrics(model, data, regs))
+    if cfg["trainer"]["save_weights"]:
+        save_weights(run_dir, model, state.best)
+    plots = write_plots(model, data, state, summary, batch) if cfg["trainer"]["plots"] else []
+    record.write_summary(summary)
+    record.log_images(plots)
+    checkpoint.remove(run_dir)  # the run is over: the resumable checkpoint has done its job
+    print_summary(summary, run_dir, diagnostics.diagnose(state.history, summary), quiet=state.job.parallel)
+    return summary
+
+
+def as_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
+    names = list(metrics)
+    return dict(zip(names, torch.stack([metrics[k].float() for k in names]).tolist(), strict=True))
+
+
+def build_summary(state: TrainState, regs: Regularization, final: dict, weights: dict) -> dict:
+    stopper = regs.get("early_stopping")
+    best_epoch = stopper.stopper.best_epoch if stopper is not None else state.best.best_epoch
+    summary = {
+        "status": state.status,
+        "error": None,
+        "stop_reason": state.stop_reason,
+        "epochs_run": state.epoch,
+        "best_epoch": best_epoch,
+        "overfit_onset_epoch": diagnostics.overfit_onset_epoch(state.history),
+    }
+    for split, metrics in final.items():
+        summary.update({f"{split}/{k}": v for k, v in metrics.items()})
+    summary["gap/acc"] = summary["train/acc"] - summary["test/acc"]
+    summary["gap/loss"] = summary["test/loss"] - summary["train/loss"]
+    summary.update(weights)
+    summary.update(job_facts(state, regs))
+    summary["train_time_s"] = round(state.train_time_s, 4)
+    summary["wall_time_s"] = round(time.perf_counter() - state.started, 4)
+    return summary
+
+
+def job_facts(state: TrainState, regs: Regularization | None) -> dict:
+    return {
+        "overrides": list(state.job.overrides),
+        "regularizers": regs.names if regs is not None else [],
+        "seed": state.cfg["trainer"]["seed"],
+        "device": str(state.device),
+        "run_dir": str(state.run_dir),
+    }
+
+
+def failure_summary(state: TrainState, err: Exception) -> dict:
+    return {
+        "status": "failed",
+        "error": f"{type(err).__name__}: {err}",
+        "epochs_run": state.epoch,
+        **job_facts(state, None),
+        "wall_time_s": round(time.perf_counter() - state.started, 4),
+    }
+
+
+def mc_dropout_metrics(model, data: DataSplits, regs: Regularization) -> dict:
+    """Test metrics of Monte Carlo dropout predictions, when the dropout technique asks for them."""
+    dropout = regs.get("dropout")
+    if dropout is None or not dropout.mc_samples:
+        return {}
+    from reglab.regularizers.dropout import mc_predict
+
+    probs, entropy = mc_predict(model, data.x_test, dropout.mc_samples)
+    stats = diagnostics.prediction_metrics(probs.clamp_min(1e-12).log(), data.y_test)
+    return {f"test/mc_{k}": v for k, v in as_floats({**stats, "entropy": entropy.mean()}).items()}
+
+
+def save_weights(run_dir: Path, model: nn.Module, best: EarlyStopping) -> None:
+    torch.save(model.state_dict(), run_dir / "last.pt")
+    torch.save(best.best_state if best.best_state is not None else model.state_dict(), run_dir / "best.pt")
+
+
+def write_plots(model, data: DataSplits, state: TrainState, summary: dict, batch_size: int) -> list[Path]:
+    run_dir = state.run_dir
+    stop_epoch = state.epoch if state.status == "early_stopped" else None
+    return [
+        diagnostics.plot_curves(
+            state.history, run_dir / "curves.png", best_epoch=summary["best_epoch"],
+            onset_epoch=summary["overfit_onset_epoch"], stop_epoch=stop_epoch,
+        ),
+        diagnostics.plot_reliability(predict(model, data.x_test, batch_size), data.y_test, run_dir / "reliability.png"),
+        diagnostics.plot_weight_histogram(model, run_dir / "weights.png"),
+    ]
+
+
+def print_summary(summary: dict, run_dir: Path, diagnosis: list[str], quiet: bool) -> None:
+    if quiet:
+        return
+    pct = lambda key: f"{100 * summary[key]:.1f}%"  # noqa: E731
+    print(
+        f"[reglab] {summary['status']} after {summary['epochs_run']} epochs (best epoch {summary['best_epoch']}): "
+        f"train {pct('train/acc')}, val {pct('val/acc')}, test {pct('test/acc')}, "
+        f"gap {100 * summary['gap/acc']:.1f} points, test loss {summary['test/loss']:.3f}"
+    )
+    for line in diagnosis:
+        print(f"[reglab] {line}")
+    print(f"[reglab] files: {run_dir}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+class _Node(dict):
+    """A dict whose keys read as attributes: cfg.name instead of cfg['name']."""
+
+    __getattr__ = dict.__getitem__
+
+
+def run_name(overrides: list[str]) -> str:
+    """A short readable name from the job's overrides: 'l2 weight_decay=0.001 seed=1'."""
+    parts = [o.removeprefix("regularizer=").replace("regularizer.", "").split(".")[-1] for o in overrides
+             if not o.startswith(("hydra.", "logger", "trainer.resume"))]
+    return " ".join(parts) or "default"
+
+
+def should_raise(on_error: str, job: Job) -> bool:
+    return on_error == "raise" or (on_error == "auto" and not job.multirun)
+
+
+def _stop_reason(regs: Regularization) -> str | None:
+    stopper = regs.get("early_stopping")
+    return stopper.stopper.stop_reason if stopper is not None else None
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def stop_on_signals(state: TrainState):
+    """SIGTERM (a cluster's pre-emption notice) and Ctrl-C finish the current epoch, checkpoint and stop."""
+
+    def request_stop(signum, frame):
+        if state.stop_requested:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        state.stop_requested = signal.Signals(signum).name
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # only the main thread may set handlers (joblib threads may not)
+            previous[sig] = signal.signal(sig, request_stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Progress:
+    """One updating line on a terminal; nothing when not on a terminal or inside a parallel launcher."""
+
+    def __init__(self, mode: str, epochs: int, parallel: bool):
+        if mode == "auto":
+            mode = "bar" if sys.stdout.isatty() and not parallel and not os.environ.get("CI") else "none"
+        self.mode, self.epochs = mode, epochs
+
+    def update(self, m: dict) -> None:
+        if self.mode == "none":
+            return
+        line = (
+            f"epoch {m['epoch']:>4}/{self.epochs}  train loss {m['train/loss']:.3f} acc {100 * m['train/acc']:5.1f}%"
+            f"  val loss {m['val/loss']:.3f} acc {100 * m['val/acc']:5.1f}%"
+        )
+        print(f"\r{line}", end="", flush=True) if self.mode == "bar" else print(line, flush=True)
+
+    def close(self) -> None:
+        if self.mode == "bar":
+            print()
+
+
+__all__ = ["Job", "Interrupted", "train", "ConfigError"]

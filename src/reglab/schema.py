@@ -1,0 +1,250 @@
+"""The config schema: every key reglab reads, its type and its allowed values, checked before any training starts.
+
+Hydra's struct mode already refuses unknown keys on the command line; `validate` also refuses unknown keys that a
+`+key=value` override or a hand-written preset smuggled in, wrong types (`trainer.epochs=ten`) and out-of-range
+values (`regularizer.dropout.p=1.5`). Every problem raises one `ConfigError` naming the key, the value and what is
+allowed. Cross-key rules (a CNN on 1-D data, decoupled L2 with SGD's built-in) live at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from reglab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One key's rule: `check(value)` returns True when the value is allowed; `allowed` says what is."""
+
+    check: Callable[[object], bool]
+    allowed: str
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Spec:
+    text = "an integer" + (f" >= {lo}" if lo is not None else "") + (f" <= {hi}" if hi is not None else "")
+    return Spec(lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi), text)
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open=False, hi_open=False) -> Spec:
+    """A finite float or int in the interval lo..hi (brackets as written in `allowed`)."""
+
+    def check(v) -> bool:
+        if not _is_number(v):
+            return False
+        above = lo is None or (v > lo if lo_open else v >= lo)
+        below = hi is None or (v < hi if hi_open else v <= hi)
+        return above and below
+
+    if lo is not None and hi is not None:
+        text = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        text = f"a number {'>' if lo_open else '>='} {lo:g}"
+    else:
+        text = "a number"
+    return Spec(check, text)
+
+
+def choice(*options) -> Spec:
+    return Spec(lambda v: v in options, "one of " + ", ".join(str(o) for o in options))
+
+
+def boolean() -> Spec:
+    return Spec(lambda v: isinstance(v, bool), "true or false")
+
+
+def text() -> Spec:
+    return Spec(lambda v: isinstance(v, str) and v != "", "a non-empty string")
+
+
+def optional(spec: Spec) -> Spec:
+    return Spec(lambda v: v is None or spec.check(v), f"null or {spec.allowed}")
+
+
+def int_list(lo: int = 1) -> Spec:
+    return Spec(
+        lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) and x >= lo for x in v),
+        f"a list of integers >= {lo}, e.g. [100, 100]",
+    )
+
+
+def string_list() -> Spec:
+    return Spec(lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings")
+
+
+def either(*specs: Spec) -> Spec:
+    return Spec(lambda v: any(s.check(v) for s in specs), " or ".join(s.allowed for s in specs))
+
+
+def float_pair() -> Spec:
+    return Spec(
+        lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
+        "two numbers in [0, 1), e.g. [0.9, 0.999]",
+    )
+
+
+PROBABILITY = number(0, 1, hi_open=True)
+IMPL = choice("scratch", "torch")
+ACTIVATION = choice("relu", "gelu", "tanh")
+DATA_COMMON = {
+    "name": choice("mnist1d", "digits", "mnist", "fashion_mnist", "cifar10"),
+    "root": text(),
+    "val_fraction": number(0, 1, lo_open=True, hi_open=True),
+    "split_seed": integer(0),
+    "n_train": optional(integer(1)),
+    "label_noise": number(0, 1),
+}
+
+SCHEMA: dict[str, Mapping] = {
+    "dataset": {**DATA_COMMON, "test_fraction": number(0, 1, lo_open=True, hi_open=True), "download": boolean()},
+    "model": {
+        "name": choice("mlp", "cnn1d", "cnn"),
+        "hidden": int_list(1),
+        "activation": ACTIVATION,
+        "channels": int_list(1),
+        "kernel_size": integer(1),
+    },
+    "optimizer": {
+        "name": choice("sgd", "adam", "adamw"),
+        "lr": number(0, lo_open=True),
+        "betas": float_pair(),
+        "eps": number(0, lo_open=True),
+        "momentum": number(0, 1, hi_open=True),
+        "nesterov": boolean(),
+    },
+    "regularizer": {
+        "l2": {
+            "weight_decay": number(0),
+            "mode": choice("penalty", "coupled", "decoupled"),
+            "impl": IMPL,
+            "exclude_bias_and_norm": boolean(),
+        },
+        "l1": {
+            "strength": number(0),
+            "mode": choice("subgradient", "proximal"),
+            "impl": IMPL,
+            "exclude_bias_and_norm": boolean(),
+        },
+        "dropout": {
+            "p": PROBABILITY,
+            "input_p": PROBABILITY,
+            "conv_p": optional(PROBABILITY),
+            "conv_kind": choice("channel", "element"),
+            "max_norm": optional(number(0, lo_open=True)),
+            "impl": IMPL,
+            "mc_samples": integer(0),
+        },
+        "label_smoothing": {
+            "eps": number(0, 1),
+            "variant": choice("uniform", "off_target"),
+            "impl": IMPL,
+        },
+        "early_stopping": {
+            "monitor": text(),
+            "mode": choice("auto", "min", "max"),
+            "patience": integer(0),
+            "min_delta": number(0),
+            "delta_mode": choice("abs", "rel"),
+            "baseline": optional(number()),
+            "start_from_epoch": integer(0),
+            "check_finite": boolean(),
+            "stopping_threshold": optional(number()),
+            "divergence_threshold": optional(number()),
+            "restore_best": boolean(),
+        },
+    },
+    "trainer": {
+        "epochs": integer(1),
+        "batch_size": integer(1),
+        "eval_batch_size": integer(1),
+        "seed": integer(0),
+        "device": choice("auto", "cpu", "cuda"),
+        "threads": integer(1),
+        "lr_schedule": choice("constant", "cosine"),
+        "flush_denormal": boolean(),
+        "fused_optimizer": boolean(),
+        "compile": boolean(),
+        "precision": choice("fp32", "bf16"),
+        "progress": choice("auto", "bar", "epochs", "none"),
+        "checkpoint_every": integer(0),
+        "resume": either(boolean(), text()),
+        "on_error": choice("auto", "raise", "record"),
+        "save_weights": boolean(),
+        "plots": boolean(),
+    },
+    "logger": {
+        "name": choice("wandb", "none"),
+        "wandb": {
+            "project": text(),
+            "entity": optional(text()),
+            "mode": choice("auto", "online", "offline", "disabled"),
+            "init_timeout": number(0, lo_open=True),
+            "tags": string_list(),
+            "log_plots": boolean(),
+        },
+    },
+}
+
+MONITORABLE = ("val/loss", "val/acc", "val/nll", "val/ece", "val/confidence", "train/loss", "train/acc", "gap/loss")
+
+
+def validate(cfg: Mapping) -> None:
+    """Raise ConfigError for the first key of `cfg` (a plain dict of the run's config) that breaks the schema."""
+    for group, spec in SCHEMA.items():
+        if group not in cfg:
+            raise ConfigError(group, None, "a config group; it is missing from the config")
+        _check_node(cfg[group], spec, group)
+    _check_cross_keys(cfg)
+
+
+def _check_node(node, spec: Mapping, path: str) -> None:
+    if not isinstance(node, Mapping):
+        raise ConfigError(path, node, "a config node with keys " + ", ".join(spec))
+    for key, value in node.items():
+        full = f"{path}.{key}"
+        if key not in spec:
+            raise ConfigError(full, value, f"no such key; known keys of {path}: {', '.join(spec)}")
+        rule = spec[key]
+        if isinstance(rule, Mapping):
+            _check_node(value, rule, full)
+        elif not rule.check(value):
+            raise ConfigError(full, value, rule.allowed)
+
+
+def _check_cross_keys(cfg: Mapping) -> None:
+    reg, opt = cfg["regularizer"], cfg["optimizer"]
+    l2 = reg.get("l2")
+    if l2 and l2["impl"] == "torch" and l2["mode"] == "decoupled" and opt["name"] == "sgd":
+        raise ConfigError(
+            "regularizer.l2.impl", "torch", "scratch when mode=decoupled with optimizer=sgd (torch has no decoupled SGD)"
+        )
+    if l2 and l2["impl"] == "torch" and l2["mode"] == "coupled" and opt["name"] == "adamw":
+        raise ConfigError(
+            "regularizer.l2.mode",
+            "coupled",
+            "decoupled or penalty with optimizer=adamw (AdamW's built-in weight_decay is decoupled), "
+            "or use optimizer=adam",
+        )
+    smoothing = reg.get("label_smoothing")
+    if smoothing and smoothing["impl"] == "torch" and smoothing["variant"] != "uniform":
+        raise ConfigError(
+            "regularizer.label_smoothing.variant", smoothing["variant"], "uniform with impl=torch (PyTorch's only one)"
+        )
+    stop = reg.get("early_stopping")
+    if stop and stop["monitor"] not in MONITORABLE:
+        raise ConfigError("regularizer.early_stopping.monitor", stop["monitor"], "one of " + ", ".join(MONITORABLE))
+    if cfg["trainer"]["device"] == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device", "cuda", "auto or cpu: no CUDA device is visible on this machine")

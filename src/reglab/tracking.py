@@ -1,0 +1,126 @@
+"""The record of a run: metrics.jsonl and summary.json on disk, mirrored to Weights & Biases when it is on.
+
+The files on disk are the source of truth (the sweep report reads only them); W&B is a mirror that must never fail
+or block a run. W&B starts online only with credentials, otherwise offline into the run directory; its start-up
+is bounded, and if it cannot start the run goes on without it and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write then rename: a crash mid-write never leaves a truncated file behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value)
+
+
+def _finite_or_none(value):
+    """JSON has no NaN/inf: store them as null (a diverged run's loss)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class RunRecord:
+    """Appends per-epoch metrics to metrics.jsonl (and W&B), writes summary.json at the end."""
+
+    def __init__(self, run_dir: Path, wandb_run=None):
+        self.run_dir = Path(run_dir)
+        self.wandb_run = wandb_run
+        self._metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in finish)
+
+    def log_epoch(self, metrics: dict[str, float]) -> None:
+        clean = {k: _finite_or_none(v) for k, v in metrics.items()}
+        self._metrics_file.write(json.dumps(clean) + "\n")
+        self._metrics_file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics)
+
+    def write_summary(self, summary: dict) -> None:
+        write_json_atomic(self.run_dir / "summary.json", {k: _finite_or_none(v) for k, v in summary.items()})
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
+
+    def log_images(self, paths: list[Path]) -> None:
+        if self.wandb_run is None or not paths:
+            return
+        import wandb
+
+        self.wandb_run.log({f"plots/{Path(p).stem}": wandb.Image(str(p)) for p in paths})
+
+    def finish(self, failed: bool = False) -> None:
+        self._metrics_file.close()
+        if self.wandb_run is not None:
+            run, self.wandb_run = self.wandb_run, None
+            try:
+                run.finish(exit_code=1 if failed else 0)
+            except Exception as err:  # a W&B problem at the very end must not turn a finished run into a failure
+                print(f"[reglab] W&B finish failed ({type(err).__name__}: {err}); the files on disk are complete")
+
+
+def has_wandb_credentials() -> bool:
+    """True when an API key is in the environment or in ~/.netrc (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """auto -> online with credentials, offline without (never a login prompt)."""
+    if mode == "auto":
+        return "online" if has_wandb_credentials() else "offline"
+    return mode
+
+
+def start_wandb(logger_cfg, *, run_dir, name, group, job_type, config, tags, resume_id=None):
+    """Start a W&B run, or return None (logger off, W&B disabled, or W&B could not start)."""
+    if logger_cfg is None or logger_cfg.get("name") != "wandb":
+        return None
+    wcfg = logger_cfg["wandb"]
+    mode = resolve_wandb_mode(wcfg["mode"])
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("[reglab] wandb is not installed: going on without W&B")
+        return None
+    kwargs = dict(
+        project=wcfg["project"], entity=wcfg["entity"], name=name, group=group, job_type=job_type,
+        tags=sorted(set(tags) | set(wcfg["tags"])), config=config, dir=str(run_dir),
+        id=resume_id, resume="allow" if resume_id else None,
+    )
+    for attempt_mode in [mode, "offline"] if mode == "online" else [mode]:
+        try:
+            settings = wandb.Settings(init_timeout=float(wcfg["init_timeout"]), console="off", silent=True)
+            run = wandb.init(mode=attempt_mode, settings=settings, **kwargs)
+            run.define_metric("*", step_metric="epoch")
+            if attempt_mode != mode:
+                print(f"[reglab] W&B could not start online; logging offline into {run_dir}/wandb (make wandb-sync)")
+            return run
+        except Exception as err:  # W&B raises many types (UsageError, CommError, timeouts): none may stop the run
+            print(f"[reglab] W&B {attempt_mode} start failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    print("[reglab] going on without W&B; metrics.jsonl and summary.json are complete")
+    return None
