@@ -313,8 +313,15 @@ def build_summary(state: TrainState, regs: Regularization, final: dict, weights:
 
 
 def job_facts(state: TrainState, regs: Regularization | None) -> dict:
+    cfg = state.cfg
     return {
         "overrides": list(state.job.overrides),
+        "hparams": {
+            **flatten(cfg["regularizer"], "regularizer"),
+            "model.name": cfg["model"]["name"], "dataset.name": cfg["dataset"]["name"],
+            "dataset.n_train": cfg["dataset"]["n_train"], "dataset.label_noise": cfg["dataset"]["label_noise"],
+            "optimizer.name": cfg["optimizer"]["name"], "optimizer.lr": cfg["optimizer"]["lr"],
+        },
         "regularizers": regs.names if regs is not None else [],
         "seed": state.cfg["trainer"]["seed"],
         "device": str(state.device),
@@ -384,6 +391,17 @@ class _Node(dict):
     """A dict whose keys read as attributes: cfg.name instead of cfg['name']."""
 
     __getattr__ = dict.__getitem__
+
+
+def flatten(node: dict, prefix: str) -> dict:
+    """{'l2': {'weight_decay': 0.1}} -> {'regularizer.l2.weight_decay': 0.1}"""
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}.{key}"))
+        else:
+            flat[f"{prefix}.{key}"] = value
+    return flat
 
 
 def run_name(overrides: list[str]) -> str:

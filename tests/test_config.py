@@ -1,0 +1,140 @@
+"""Every option of every config group composes, passes the schema and builds its part."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from reglab.errors import ConfigError
+from reglab.loop import build_optimizer
+from reglab.models import build_model
+from reglab.regularizers import build_regularization
+from reglab.schema import validate
+from tests.conftest import CONF
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def composed(*overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+SHAPES = {"mnist1d": (1, 40), "digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28),
+          "cifar10": (3, 32, 32)}
+MODEL_FOR = {"mnist1d": ["mlp", "cnn1d"], "digits": ["mlp", "cnn"], "mnist": ["mlp", "cnn"],
+             "fashion_mnist": ["mlp", "cnn"], "cifar10": ["mlp", "cnn"]}
+
+
+def test_groups_have_the_promised_options():
+    assert set(options("dataset")) == set(SHAPES)
+    assert set(options("model")) == {"mlp", "cnn1d", "cnn"}
+    assert set(options("optimizer")) == {"sgd", "adam", "adamw"}
+    assert set(options("regularizer")) == {"none", "l1", "l2", "dropout", "early_stopping", "label_smoothing"}
+    assert set(options("logger")) == {"wandb", "none"}
+
+
+@pytest.mark.parametrize("dataset", options("dataset"))
+def test_every_dataset_and_model_pair_builds(dataset):
+    for model_name in MODEL_FOR[dataset]:
+        cfg = composed(f"dataset={dataset}", f"model={model_name}", "regularizer=dropout")
+        validate(cfg)
+        regs = build_regularization(cfg["regularizer"])
+        model = build_model(OmegaConf.create(cfg["model"]), SHAPES[dataset], 10, regs.dropout_plan())
+        assert model(torch.zeros(2, *SHAPES[dataset])).shape == (2, 10)
+
+
+@pytest.mark.parametrize("regularizer", options("regularizer"))
+@pytest.mark.parametrize("optimizer", options("optimizer"))
+def test_every_regularizer_and_optimizer_builds(regularizer, optimizer):
+    cfg = composed(f"regularizer={regularizer}", f"optimizer={optimizer}")
+    if regularizer == "l2" and optimizer == "adamw":
+        cfg["regularizer"]["l2"]["mode"] = "decoupled"  # coupled decay is not what AdamW does: see test_schema
+    validate(cfg)
+    regs = build_regularization(cfg["regularizer"])
+    model = build_model(OmegaConf.create(cfg["model"]), (1, 40), 10, regs.dropout_plan())
+    regs.setup(model)
+    opt = build_optimizer(cfg["optimizer"], model, regs, fused=True, device=torch.device("cpu"))
+    assert opt.param_groups[0]["lr"] == cfg["optimizer"]["lr"]
+    assert regs.names == ([] if regularizer == "none" else [regularizer])
+
+
+def test_several_regularizers_at_once():
+    cfg = composed("regularizer=[l2,dropout,label_smoothing,early_stopping]")
+    validate(cfg)
+    regs = build_regularization(cfg["regularizer"])
+    assert regs.names == ["l2", "dropout", "early_stopping", "label_smoothing"]
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_preset_composes(experiment):
+    validate(composed(f"experiment={experiment}"))
+
+
+def test_each_regularizer_option_carries_its_grid():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["regularizer=l2"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params["regularizer.l2.weight_decay"] == "0,1e-5,1e-4,1e-3,1e-2"
+
+
+def test_the_promised_key_names_exist():
+    cfg = composed("regularizer=[l1,l2,dropout,label_smoothing,early_stopping]")
+    for key in ["trainer.epochs", "trainer.batch_size", "trainer.seed", "trainer.device", "trainer.threads",
+                "optimizer.lr", "regularizer.l2.weight_decay", "regularizer.l1.strength", "regularizer.dropout.p",
+                "regularizer.label_smoothing.eps", "regularizer.early_stopping.patience", "dataset.n_train",
+                "dataset.label_noise", "regularizer.l2.mode", "regularizer.l2.impl", "regularizer.dropout.impl"]:
+        node = cfg
+        for part in key.split("."):
+            assert part in node, key
+            node = node[part]
+
+
+BAD_VALUES = [
+    ("regularizer=dropout", "regularizer.dropout.p=1.0", "regularizer.dropout.p"),
+    ("regularizer=dropout", "regularizer.dropout.p=-0.1", "regularizer.dropout.p"),
+    ("regularizer=l2", "regularizer.l2.weight_decay=-0.001", "regularizer.l2.weight_decay"),
+    ("regularizer=l1", "regularizer.l1.strength=-1", "regularizer.l1.strength"),
+    ("regularizer=label_smoothing", "regularizer.label_smoothing.eps=1.5", "regularizer.label_smoothing.eps"),
+    ("regularizer=label_smoothing", "regularizer.label_smoothing.variant=sharp", "regularizer.label_smoothing.variant"),
+    ("regularizer=early_stopping", "regularizer.early_stopping.patience=-1", "regularizer.early_stopping.patience"),
+    ("regularizer=early_stopping", "regularizer.early_stopping.min_delta=-0.1", "regularizer.early_stopping.min_delta"),
+    ("regularizer=l2", "regularizer.l2.mode=sideways", "regularizer.l2.mode"),
+    ("regularizer=l2", "regularizer.l2.impl=numpy", "regularizer.l2.impl"),
+    ("regularizer=dropout", "regularizer.dropout.max_norm=0", "regularizer.dropout.max_norm"),
+    ("regularizer=none", "trainer.batch_size=0", "trainer.batch_size"),
+    ("regularizer=none", "trainer.epochs=ten", "trainer.epochs"),
+    ("regularizer=none", "trainer.device=tpu", "trainer.device"),
+    ("regularizer=none", "dataset.label_noise=2", "dataset.label_noise"),
+    ("regularizer=none", "dataset.name=imagenet", "dataset.name"),
+    ("regularizer=none", "optimizer.lr=0", "optimizer.lr"),
+    ("regularizer=none", "+trainer.bogus=1", "trainer.bogus"),
+]
+
+
+@pytest.mark.parametrize(("option", "override", "key"), BAD_VALUES)
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(option, override, key):
+    cfg = composed(option, override)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert info.value.key == key
+    message = str(info.value)
+    assert key in message and "not allowed" in message
+    assert override.split("=", 1)[1] in message
+
+
+def test_contradictory_keys_are_refused():
+    cfg = composed("regularizer=l2", "optimizer=sgd", "regularizer.l2.mode=decoupled", "regularizer.l2.impl=torch")
+    with pytest.raises(ConfigError, match="regularizer.l2.impl"):
+        validate(cfg)
+    cfg = composed("regularizer=l2", "optimizer=adamw", "regularizer.l2.impl=torch")
+    with pytest.raises(ConfigError, match="regularizer.l2.mode"):
+        validate(cfg)
+    cfg = composed("regularizer=label_smoothing", "regularizer.label_smoothing.impl=torch",
+                   "regularizer.label_smoothing.variant=off_target")
+    with pytest.raises(ConfigError, match="variant"):
+        validate(cfg)
