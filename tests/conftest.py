@@ -33,8 +33,18 @@ def data_root(tmp_path_factory) -> Path:
 
     from reglab.data import load_dataset
 
-    load_dataset(OmegaConf.create({"name": "mnist1d", "root": str(root), "val_fraction": 0.2, "split_seed": 0,
-                                   "n_train": None, "label_noise": 0.0}))
+    load_dataset(
+        OmegaConf.create(
+            {
+                "name": "mnist1d",
+                "root": str(root),
+                "val_fraction": 0.2,
+                "split_seed": 0,
+                "n_train": None,
+                "label_noise": 0.0,
+            }
+        )
+    )
     return root
 
 
@@ -59,4 +69,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
-    return sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    return sorted(
+        (p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+    )

@@ -25,10 +25,20 @@ def composed(*overrides: str) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-SHAPES = {"mnist1d": (1, 40), "digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28),
-          "cifar10": (3, 32, 32)}
-MODEL_FOR = {"mnist1d": ["mlp", "cnn1d"], "digits": ["mlp", "cnn"], "mnist": ["mlp", "cnn"],
-             "fashion_mnist": ["mlp", "cnn"], "cifar10": ["mlp", "cnn"]}
+SHAPES = {
+    "mnist1d": (1, 40),
+    "digits": (1, 8, 8),
+    "mnist": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+}
+MODEL_FOR = {
+    "mnist1d": ["mlp", "cnn1d"],
+    "digits": ["mlp", "cnn"],
+    "mnist": ["mlp", "cnn"],
+    "fashion_mnist": ["mlp", "cnn"],
+    "cifar10": ["mlp", "cnn"],
+}
 
 
 def test_groups_have_the_promised_options():
@@ -54,7 +64,9 @@ def test_every_dataset_and_model_pair_builds(dataset):
 def test_every_regularizer_and_optimizer_builds(regularizer, optimizer):
     cfg = composed(f"regularizer={regularizer}", f"optimizer={optimizer}")
     if regularizer == "l2" and optimizer == "adamw":
-        cfg["regularizer"]["l2"]["mode"] = "decoupled"  # coupled decay is not what AdamW does: see test_schema
+        cfg["regularizer"]["l2"]["mode"] = (
+            "decoupled"  # coupled decay is not what AdamW does: see test_schema
+        )
     validate(cfg)
     regs = build_regularization(cfg["regularizer"])
     model = build_model(OmegaConf.create(cfg["model"]), (1, 40), 10, regs.dropout_plan())
@@ -84,10 +96,24 @@ def test_each_regularizer_option_carries_its_grid():
 
 def test_the_promised_key_names_exist():
     cfg = composed("regularizer=[l1,l2,dropout,label_smoothing,early_stopping]")
-    for key in ["trainer.epochs", "trainer.batch_size", "trainer.seed", "trainer.device", "trainer.threads",
-                "optimizer.lr", "regularizer.l2.weight_decay", "regularizer.l1.strength", "regularizer.dropout.p",
-                "regularizer.label_smoothing.eps", "regularizer.early_stopping.patience", "dataset.n_train",
-                "dataset.label_noise", "regularizer.l2.mode", "regularizer.l2.impl", "regularizer.dropout.impl"]:
+    for key in [
+        "trainer.epochs",
+        "trainer.batch_size",
+        "trainer.seed",
+        "trainer.device",
+        "trainer.threads",
+        "optimizer.lr",
+        "regularizer.l2.weight_decay",
+        "regularizer.l1.strength",
+        "regularizer.dropout.p",
+        "regularizer.label_smoothing.eps",
+        "regularizer.early_stopping.patience",
+        "dataset.n_train",
+        "dataset.label_noise",
+        "regularizer.l2.mode",
+        "regularizer.l2.impl",
+        "regularizer.dropout.impl",
+    ]:
         node = cfg
         for part in key.split("."):
             assert part in node, key
@@ -100,9 +126,21 @@ BAD_VALUES = [
     ("regularizer=l2", "regularizer.l2.weight_decay=-0.001", "regularizer.l2.weight_decay"),
     ("regularizer=l1", "regularizer.l1.strength=-1", "regularizer.l1.strength"),
     ("regularizer=label_smoothing", "regularizer.label_smoothing.eps=1.5", "regularizer.label_smoothing.eps"),
-    ("regularizer=label_smoothing", "regularizer.label_smoothing.variant=sharp", "regularizer.label_smoothing.variant"),
-    ("regularizer=early_stopping", "regularizer.early_stopping.patience=-1", "regularizer.early_stopping.patience"),
-    ("regularizer=early_stopping", "regularizer.early_stopping.min_delta=-0.1", "regularizer.early_stopping.min_delta"),
+    (
+        "regularizer=label_smoothing",
+        "regularizer.label_smoothing.variant=sharp",
+        "regularizer.label_smoothing.variant",
+    ),
+    (
+        "regularizer=early_stopping",
+        "regularizer.early_stopping.patience=-1",
+        "regularizer.early_stopping.patience",
+    ),
+    (
+        "regularizer=early_stopping",
+        "regularizer.early_stopping.min_delta=-0.1",
+        "regularizer.early_stopping.min_delta",
+    ),
     ("regularizer=l2", "regularizer.l2.mode=sideways", "regularizer.l2.mode"),
     ("regularizer=l2", "regularizer.l2.impl=numpy", "regularizer.l2.impl"),
     ("regularizer=dropout", "regularizer.dropout.max_norm=0", "regularizer.dropout.max_norm"),
@@ -128,13 +166,18 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(option, override,
 
 
 def test_contradictory_keys_are_refused():
-    cfg = composed("regularizer=l2", "optimizer=sgd", "regularizer.l2.mode=decoupled", "regularizer.l2.impl=torch")
+    cfg = composed(
+        "regularizer=l2", "optimizer=sgd", "regularizer.l2.mode=decoupled", "regularizer.l2.impl=torch"
+    )
     with pytest.raises(ConfigError, match="regularizer.l2.impl"):
         validate(cfg)
     cfg = composed("regularizer=l2", "optimizer=adamw", "regularizer.l2.impl=torch")
     with pytest.raises(ConfigError, match="regularizer.l2.mode"):
         validate(cfg)
-    cfg = composed("regularizer=label_smoothing", "regularizer.label_smoothing.impl=torch",
-                   "regularizer.label_smoothing.variant=off_target")
+    cfg = composed(
+        "regularizer=label_smoothing",
+        "regularizer.label_smoothing.impl=torch",
+        "regularizer.label_smoothing.variant=off_target",
+    )
     with pytest.raises(ConfigError, match="variant"):
         validate(cfg)

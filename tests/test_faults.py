@@ -27,7 +27,11 @@ def in_process_sweep(monkeypatch, tmp_path, data_root, args):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(ROOT))
-    monkeypatch.setattr(sys, "argv", ["train.py", "--config-path", str(ROOT / "conf"), "-m", *args, f"dataset.root={data_root}"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["train.py", "--config-path", str(ROOT / "conf"), "-m", *args, f"dataset.root={data_root}"],
+    )
     GlobalHydra.instance().clear()
     import train
 
@@ -46,8 +50,12 @@ def test_an_exception_in_one_job_is_recorded_and_the_sweep_goes_on(monkeypatch, 
 
     monkeypatch.setattr(reglab.loop, "train_one_epoch", failing_epoch)
     sweep = tmp_path / "sweep"
-    in_process_sweep(monkeypatch, tmp_path, data_root,
-                     [*QUICK, *TINY, "optimizer.lr=0.01,0.02,0.03", f"hydra.sweep.dir={sweep}"])
+    in_process_sweep(
+        monkeypatch,
+        tmp_path,
+        data_root,
+        [*QUICK, *TINY, "optimizer.lr=0.01,0.02,0.03", f"hydra.sweep.dir={sweep}"],
+    )
     statuses = [read_summary(job)["status"] for job in job_dirs(sweep)]
     assert statuses == ["completed", "failed", "completed"]
     assert "injected fault" in read_summary(job_dirs(sweep)[1])["error"]
@@ -57,8 +65,11 @@ def test_an_exception_in_one_job_is_recorded_and_the_sweep_goes_on(monkeypatch, 
 
 def test_a_nan_loss_is_detected_as_divergence_and_the_sweep_goes_on(tmp_path, data_root):
     sweep = tmp_path / "sweep"
-    run_train(["-m", *QUICK, *TINY, "optimizer=sgd", "optimizer.lr=0.05,1e30", f"hydra.sweep.dir={sweep}"],
-              tmp_path, data_root)
+    run_train(
+        ["-m", *QUICK, *TINY, "optimizer=sgd", "optimizer.lr=0.05,1e30", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+        data_root,
+    )
     first, second = (read_summary(job) for job in job_dirs(sweep))
     assert first["status"] == "completed"
     assert second["status"] == "diverged" and "non-finite" in second["stop_reason"]
@@ -68,7 +79,9 @@ def test_a_nan_loss_is_detected_as_divergence_and_the_sweep_goes_on(tmp_path, da
 def test_same_config_and_seed_give_identical_metrics(tmp_path, data_root):
     runs = []
     for name in ("a", "b"):
-        run_train([*QUICK, *TINY, "regularizer=dropout", f"hydra.run.dir={tmp_path / name}"], tmp_path, data_root)
+        run_train(
+            [*QUICK, *TINY, "regularizer=dropout", f"hydra.run.dir={tmp_path / name}"], tmp_path, data_root
+        )
         runs.append(without_time(read_metrics(tmp_path / name)))
     assert runs[0] == runs[1]
 
@@ -90,8 +103,13 @@ def wait_for_epochs(metrics_file, epochs: int, process, timeout=120):
 
 
 def test_sigterm_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, data_root):
-    args = [*QUICK, "trainer.epochs=40", "regularizer=[dropout,early_stopping]",
-            "regularizer.early_stopping.patience=100", "trainer.checkpoint_every=0"]
+    args = [
+        *QUICK,
+        "trainer.epochs=40",
+        "regularizer=[dropout,early_stopping]",
+        "regularizer.early_stopping.patience=100",
+        "trainer.checkpoint_every=0",
+    ]
     interrupted = tmp_path / "interrupted"
     process = start_run([*args, f"hydra.run.dir={interrupted}"], tmp_path, data_root)
     wait_for_epochs(interrupted / "metrics.jsonl", 3, process)
@@ -135,8 +153,9 @@ def test_a_truncated_or_foreign_checkpoint_gives_a_clear_error(tmp_path, data_ro
     torch.save({"weights": torch.zeros(3)}, foreign)
     with pytest.raises(checkpoint.CheckpointError, match="not a reglab checkpoint"):
         checkpoint.load(foreign)
-    result = run_train([*QUICK, *TINY, "trainer.resume=true", f"hydra.run.dir={run_dir}"], tmp_path, data_root,
-                       check=False)
+    result = run_train(
+        [*QUICK, *TINY, "trainer.resume=true", f"hydra.run.dir={run_dir}"], tmp_path, data_root, check=False
+    )
     assert result.returncode == 2
     assert "not a readable checkpoint" in result.stderr and "Traceback" not in result.stderr
 
@@ -148,8 +167,17 @@ def test_wandb_unreachable_never_fails_the_run(tmp_path, data_root, monkeypatch)
     monkeypatch.delenv("WANDB_MODE")
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    result = run_train(["logger=wandb", "logger.wandb.mode=online", "logger.wandb.init_timeout=3", *TINY,
-                        f"hydra.run.dir={run_dir}"], tmp_path, data_root)
+    result = run_train(
+        [
+            "logger=wandb",
+            "logger.wandb.mode=online",
+            "logger.wandb.init_timeout=3",
+            *TINY,
+            f"hydra.run.dir={run_dir}",
+        ],
+        tmp_path,
+        data_root,
+    )
     assert time.monotonic() - started < 90
     assert "W&B could not start online" in result.stdout
     assert read_summary(run_dir)["status"] == "completed"

@@ -10,19 +10,58 @@ import yaml
 
 from tests.conftest import TINY, job_dirs, read_metrics, read_summary, run_train
 
-EPOCH_KEYS = {"epoch", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "time_s", "gap/loss", "gap/acc",
-              "val/nll", "val/ece", "val/confidence", "weights/l2", "weights/l1", "weights/zero_frac",
-              "weights/small_frac", "loss/data", "loss/penalty", "loss/total"}
-SUMMARY_KEYS = {"status", "epochs_run", "best_epoch", "train/loss", "train/acc", "val/loss", "val/acc", "test/loss",
-                "test/acc", "gap/acc", "gap/loss", "overrides", "wall_time_s", "test/ece", "test/nll",
-                "test/confidence", "overfit_onset_epoch"}
+EPOCH_KEYS = {
+    "epoch",
+    "train/loss",
+    "train/acc",
+    "val/loss",
+    "val/acc",
+    "lr",
+    "time_s",
+    "gap/loss",
+    "gap/acc",
+    "val/nll",
+    "val/ece",
+    "val/confidence",
+    "weights/l2",
+    "weights/l1",
+    "weights/zero_frac",
+    "weights/small_frac",
+    "loss/data",
+    "loss/penalty",
+    "loss/total",
+}
+SUMMARY_KEYS = {
+    "status",
+    "epochs_run",
+    "best_epoch",
+    "train/loss",
+    "train/acc",
+    "val/loss",
+    "val/acc",
+    "test/loss",
+    "test/acc",
+    "gap/acc",
+    "gap/loss",
+    "overrides",
+    "wall_time_s",
+    "test/ece",
+    "test/nll",
+    "test/confidence",
+    "overfit_onset_epoch",
+}
 
 
 def test_a_single_run_leaves_the_promised_files(tmp_path, data_root):
     run_dir = tmp_path / "run"
-    result = run_train(["logger=none", "trainer.epochs=4", "dataset.n_train=300", f"hydra.run.dir={run_dir}"],
-                       tmp_path, data_root)
-    assert "test" in result.stdout and str(run_dir) in result.stdout  # the closing summary says where files are
+    result = run_train(
+        ["logger=none", "trainer.epochs=4", "dataset.n_train=300", f"hydra.run.dir={run_dir}"],
+        tmp_path,
+        data_root,
+    )
+    assert (
+        "test" in result.stdout and str(run_dir) in result.stdout
+    )  # the closing summary says where files are
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / ".hydra" / "overrides.yaml").exists()
     metrics = read_metrics(run_dir)
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
@@ -59,16 +98,29 @@ def test_the_l2_grid_runs_one_job_per_value(tmp_path, data_root):
 
 def test_a_value_on_the_command_line_replaces_the_grid(tmp_path, data_root):
     sweep = tmp_path / "sweep"
-    run_train(["-m", "regularizer=l2", "regularizer.l2.weight_decay=0.003", "logger=none", *TINY,
-               f"hydra.sweep.dir={sweep}"], tmp_path, data_root)
+    run_train(
+        [
+            "-m",
+            "regularizer=l2",
+            "regularizer.l2.weight_decay=0.003",
+            "logger=none",
+            *TINY,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+        data_root,
+    )
     jobs = job_dirs(sweep)
     assert [read_summary(j)["hparams"]["regularizer.l2.weight_decay"] for j in jobs] == [0.003]
 
 
 def test_a_multirun_with_wandb_offline_makes_one_run_per_job(tmp_path, data_root):
     sweep = tmp_path / "sweep"
-    run_train(["-m", "regularizer=dropout", "logger.wandb.mode=offline", *TINY, f"hydra.sweep.dir={sweep}"],
-              tmp_path, data_root)
+    run_train(
+        ["-m", "regularizer=dropout", "logger.wandb.mode=offline", *TINY, f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+        data_root,
+    )
     jobs = job_dirs(sweep)
     assert len(jobs) == 4
     for job in jobs:
@@ -100,15 +152,22 @@ def test_bad_input_fails_before_training_with_one_clear_line(tmp_path, data_root
 
 
 def test_an_unknown_group_option_fails_cleanly(tmp_path, data_root):
-    result = run_train(["dataset=imagenet", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path,
-                       data_root, check=False)
+    result = run_train(
+        ["dataset=imagenet", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path,
+        data_root,
+        check=False,
+    )
     assert result.returncode != 0
     assert "imagenet" in result.stderr and "mnist1d" in result.stderr  # Hydra lists the available options
 
 
 def test_summary_is_valid_json_even_for_a_diverged_run(tmp_path, data_root):
     run_dir = tmp_path / "run"
-    run_train(["logger=none", *TINY, "optimizer=sgd", "optimizer.lr=1e30", f"hydra.run.dir={run_dir}"], tmp_path,
-              data_root)
+    run_train(
+        ["logger=none", *TINY, "optimizer=sgd", "optimizer.lr=1e30", f"hydra.run.dir={run_dir}"],
+        tmp_path,
+        data_root,
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["epochs_run"] == 1

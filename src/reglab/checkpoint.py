@@ -79,7 +79,9 @@ def resume(resume_from, run_dir: Path, model, optimizer, scheduler, regs, state)
     regs.load_state_dict(payload["regularizers"])
     from reglab.regularizers.early_stopping import EarlyStopping
 
-    state.best = EarlyStopping(monitor="val/loss", patience=state.cfg["trainer"]["epochs"] + 1, check_finite=False)
+    state.best = EarlyStopping(
+        monitor="val/loss", patience=state.cfg["trainer"]["epochs"] + 1, check_finite=False
+    )
     state.best.load_state_dict(payload["best_tracker"])
     torch.set_rng_state(payload["rng_torch"])
     if payload["rng_cuda"] and torch.cuda.is_available():

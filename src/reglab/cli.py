@@ -35,7 +35,9 @@ def main(cfg: DictConfig) -> float:
         print(f"reglab: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except Interrupted as stop:
-        print(f"[reglab] {stop}: checkpoint written; continue with trainer.resume=true hydra.run.dir={run_dir}")
+        print(
+            f"[reglab] {stop}: checkpoint written; continue with trainer.resume=true hydra.run.dir={run_dir}"
+        )
         raise SystemExit(128 + signal.Signals[str(stop)].value) from None
 
 

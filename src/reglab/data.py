@@ -82,7 +82,9 @@ def _split_indices(n: int, val_fraction: float, rng: np.random.Generator) -> tup
     return order[n_val:], order[:n_val]
 
 
-def _with_label_noise(y: np.ndarray, fraction: float, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+def _with_label_noise(
+    y: np.ndarray, fraction: float, num_classes: int, rng: np.random.Generator
+) -> np.ndarray:
     """Replace a `fraction` of the labels by uniformly random classes (which may equal the true one)."""
     y = y.copy()
     n_noisy = int(round(len(y) * fraction))
@@ -164,7 +166,10 @@ def _torchvision_arrays(name: str, root: Path, download: bool):
     except Exception as err:  # torchvision raises RuntimeError, URLError, OSError... depending on what failed
         raise DatasetUnavailable(name, root, download, err) from err
     (x, y), (x_test, y_test) = _torchvision_tensors(train), _torchvision_tensors(test)
-    mean, std = x.mean(axis=(0, 2, 3), keepdims=True), x.std(axis=(0, 2, 3), keepdims=True)  # per channel, train set
+    mean, std = (
+        x.mean(axis=(0, 2, 3), keepdims=True),
+        x.std(axis=(0, 2, 3), keepdims=True),
+    )  # per channel, train set
     return (x - mean) / std, y, (x_test - mean) / std, y_test
 
 

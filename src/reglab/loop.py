@@ -65,7 +65,9 @@ def train(cfg: dict, run_dir: Path, job: Job) -> float:
     device = setup_process(cfg["trainer"])
     data = load_dataset(_Node(cfg["dataset"])).to(device)
     regs = build_regularization(cfg["regularizer"])
-    model = build_model(_Node(cfg["model"]), data.input_shape, data.num_classes, regs.dropout_plan()).to(device)
+    model = build_model(_Node(cfg["model"]), data.input_shape, data.num_classes, regs.dropout_plan()).to(
+        device
+    )
     regs.setup(model)
     optimizer = build_optimizer(cfg["optimizer"], model, regs, cfg["trainer"]["fused_optimizer"], device)
     scheduler = build_scheduler(cfg["trainer"], optimizer)
@@ -76,8 +78,14 @@ def train(cfg: dict, run_dir: Path, job: Job) -> float:
     else:
         checkpoint.clear_stale_files(run_dir)
     wandb_run = start_wandb(
-        cfg["logger"], run_dir=run_dir, name=run_name(job.overrides), group=job.group, job_type="train",
-        config=cfg, tags=regs.names or ["none"], resume_id=state.wandb_id,
+        cfg["logger"],
+        run_dir=run_dir,
+        name=run_name(job.overrides),
+        group=job.group,
+        job_type="train",
+        config=cfg,
+        tags=regs.names or ["none"],
+        resume_id=state.wandb_id,
     )
     state.wandb_id = getattr(wandb_run, "id", None)
     record = RunRecord(run_dir, wandb_run)
@@ -94,7 +102,9 @@ def train(cfg: dict, run_dir: Path, job: Job) -> float:
         record.finish(failed=True)
         if should_raise(cfg["trainer"]["on_error"], job):
             raise
-        print(f"[reglab] job failed: {summary['error']} (recorded in {run_dir / 'summary.json'}; the sweep goes on)")
+        print(
+            f"[reglab] job failed: {summary['error']} (recorded in {run_dir / 'summary.json'}; the sweep goes on)"
+        )
         return math.nan
     record.finish(failed=summary["status"] not in FINISHED)
     return summary["val/loss"] if summary["val/loss"] is not None else math.nan
@@ -123,7 +133,9 @@ class TrainState:
 def setup_process(trainer: dict) -> torch.device:
     """Threads, denormals, seeds and device: the process-wide settings, all explicit in the config."""
     torch.set_num_threads(trainer["threads"])
-    torch.set_flush_denormal(trainer["flush_denormal"])  # tiny weights become 0 instead of slow denormal floats
+    torch.set_flush_denormal(
+        trainer["flush_denormal"]
+    )  # tiny weights become 0 instead of slow denormal floats
     seed = trainer["seed"]
     random.seed(seed)
     np.random.seed(seed)
@@ -133,7 +145,9 @@ def setup_process(trainer: dict) -> torch.device:
     return torch.device(trainer["device"])
 
 
-def build_optimizer(opt: dict, model: nn.Module, regs: Regularization, fused: bool, device) -> torch.optim.Optimizer:
+def build_optimizer(
+    opt: dict, model: nn.Module, regs: Regularization, fused: bool, device
+) -> torch.optim.Optimizer:
     """The optimizer; built-in weight decay (coupled, or decoupled via AdamW) comes from the L2 technique."""
     from reglab.regularizers.l1_l2 import decay_parameter_groups
 
@@ -143,7 +157,9 @@ def build_optimizer(opt: dict, model: nn.Module, regs: Regularization, fused: bo
     groups = decay_parameter_groups(model, weight_decay, exclude) if weight_decay else model.parameters()
     common = dict(lr=opt["lr"], weight_decay=0.0)
     if fused and (device.type == "cuda" or device.type == "cpu"):
-        common["fused"] = True  # one kernel for the whole update instead of one per tensor (~1.35x on CPU here)
+        common["fused"] = (
+            True  # one kernel for the whole update instead of one per tensor (~1.35x on CPU here)
+        )
     if opt["name"] == "sgd":
         return torch.optim.SGD(groups, momentum=opt["momentum"], nesterov=opt["nesterov"], **common)
     adam = torch.optim.AdamW if (opt["name"] == "adamw" or decoupled) else torch.optim.Adam
@@ -160,7 +176,9 @@ def build_scheduler(trainer: dict, optimizer):
 # The epochs
 
 
-def fit(model, data: DataSplits, optimizer, scheduler, regs: Regularization, state: TrainState, record: RunRecord):
+def fit(
+    model, data: DataSplits, optimizer, scheduler, regs: Regularization, state: TrainState, record: RunRecord
+):
     trainer = state.cfg["trainer"]
     if state.best is None:
         state.best = EarlyStopping(monitor="val/loss", patience=trainer["epochs"] + 1, check_finite=False)
@@ -170,7 +188,9 @@ def fit(model, data: DataSplits, optimizer, scheduler, regs: Regularization, sta
     while state.epoch < trainer["epochs"]:
         epoch = state.epoch + 1
         started = time.perf_counter()
-        losses = train_one_epoch(model, data, optimizer, regs, trainer["batch_size"], state.batch_generator, precision)
+        losses = train_one_epoch(
+            model, data, optimizer, regs, trainer["batch_size"], state.batch_generator, precision
+        )
         if scheduler is not None:
             scheduler.step()
         state.train_time_s += time.perf_counter() - started
@@ -197,7 +217,9 @@ def fit(model, data: DataSplits, optimizer, scheduler, regs: Regularization, sta
         state.status = "completed"
 
 
-def train_one_epoch(model, data: DataSplits, optimizer, regs: Regularization, batch_size: int, generator, precision):
+def train_one_epoch(
+    model, data: DataSplits, optimizer, regs: Regularization, batch_size: int, generator, precision
+):
     """One pass over the training set in random order; returns the mean data loss and penalty (0-d tensors)."""
     model.train()
     n = len(data.y_train)
@@ -228,12 +250,16 @@ def epoch_metrics(model, data: DataSplits, regs, losses, optimizer, eval_batch_s
     train = evaluate(model, data.x_train, data.y_train, regs, eval_batch_size)
     val = evaluate(model, data.x_val, data.y_val, regs, eval_batch_size)
     values = {
-        "loss/data": data_loss, "loss/penalty": penalty, "loss/total": data_loss + penalty,
+        "loss/data": data_loss,
+        "loss/penalty": penalty,
+        "loss/total": data_loss + penalty,
         **{f"train/{k}": v for k, v in train.items() if k in ("loss", "acc")},
         **{f"val/{k}": v for k, v in val.items()},
     }
     names = list(values)
-    numbers = dict(zip(names, torch.stack([values[k].float() for k in names]).tolist(), strict=True))  # one sync
+    numbers = dict(
+        zip(names, torch.stack([values[k].float() for k in names]).tolist(), strict=True)
+    )  # one sync
     return {
         "epoch": epoch,
         **numbers,
@@ -318,9 +344,12 @@ def job_facts(state: TrainState, regs: Regularization | None) -> dict:
         "overrides": list(state.job.overrides),
         "hparams": {
             **flatten(cfg["regularizer"], "regularizer"),
-            "model.name": cfg["model"]["name"], "dataset.name": cfg["dataset"]["name"],
-            "dataset.n_train": cfg["dataset"]["n_train"], "dataset.label_noise": cfg["dataset"]["label_noise"],
-            "optimizer.name": cfg["optimizer"]["name"], "optimizer.lr": cfg["optimizer"]["lr"],
+            "model.name": cfg["model"]["name"],
+            "dataset.name": cfg["dataset"]["name"],
+            "dataset.n_train": cfg["dataset"]["n_train"],
+            "dataset.label_noise": cfg["dataset"]["label_noise"],
+            "optimizer.name": cfg["optimizer"]["name"],
+            "optimizer.lr": cfg["optimizer"]["lr"],
         },
         "regularizers": regs.names if regs is not None else [],
         "seed": state.cfg["trainer"]["seed"],
@@ -361,10 +390,15 @@ def write_plots(model, data: DataSplits, state: TrainState, summary: dict, batch
     stop_epoch = state.epoch if state.status == "early_stopped" else None
     return [
         diagnostics.plot_curves(
-            state.history, run_dir / "curves.png", best_epoch=summary["best_epoch"],
-            onset_epoch=summary["overfit_onset_epoch"], stop_epoch=stop_epoch,
+            state.history,
+            run_dir / "curves.png",
+            best_epoch=summary["best_epoch"],
+            onset_epoch=summary["overfit_onset_epoch"],
+            stop_epoch=stop_epoch,
         ),
-        diagnostics.plot_reliability(predict(model, data.x_test, batch_size), data.y_test, run_dir / "reliability.png"),
+        diagnostics.plot_reliability(
+            predict(model, data.x_test, batch_size), data.y_test, run_dir / "reliability.png"
+        ),
         diagnostics.plot_weight_histogram(model, run_dir / "weights.png"),
     ]
 
@@ -406,8 +440,11 @@ def flatten(node: dict, prefix: str) -> dict:
 
 def run_name(overrides: list[str]) -> str:
     """A short readable name from the job's overrides: 'l2 weight_decay=0.001 seed=1'."""
-    parts = [o.removeprefix("regularizer=").replace("regularizer.", "").split(".")[-1] for o in overrides
-             if not o.startswith(("hydra.", "logger", "trainer.resume"))]
+    parts = [
+        o.removeprefix("regularizer=").replace("regularizer.", "").split(".")[-1]
+        for o in overrides
+        if not o.startswith(("hydra.", "logger", "trainer.resume"))
+    ]
     return " ".join(parts) or "default"
 
 
@@ -437,7 +474,9 @@ def stop_on_signals(state: TrainState):
 
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(ValueError):  # only the main thread may set handlers (joblib threads may not)
+        with contextlib.suppress(
+            ValueError
+        ):  # only the main thread may set handlers (joblib threads may not)
             previous[sig] = signal.signal(sig, request_stop)
     try:
         yield

@@ -50,7 +50,9 @@ def build_model(cfg, input_shape: tuple[int, ...], num_classes: int, dropout: Dr
     if spatial_dims != wanted:
         kind = "1-D signals (model=cnn1d)" if spatial_dims == 1 else "2-D images (model=cnn)"
         raise ConfigError("model", cfg.name, f"this data set holds {kind}; model=mlp works with any data set")
-    conv_layers = conv_stack(input_shape[0], list(cfg.channels), cfg.kernel_size, spatial_dims, activation, dropout)
+    conv_layers = conv_stack(
+        input_shape[0], list(cfg.channels), cfg.kernel_size, spatial_dims, activation, dropout
+    )
     return conv_net(conv_layers, input_shape, list(cfg.hidden), num_classes, activation, dropout)
 
 
@@ -59,10 +61,16 @@ def mlp(input_shape, hidden: list[int], num_classes: int, activation, dropout: D
     width = 1
     for size in input_shape:
         width *= size
-    return nn.Sequential(nn.Flatten(), dropout.dense(dropout.input_p), *dense_head(width, hidden, num_classes, activation, dropout))
+    return nn.Sequential(
+        nn.Flatten(),
+        dropout.dense(dropout.input_p),
+        *dense_head(width, hidden, num_classes, activation, dropout),
+    )
 
 
-def dense_head(width: int, hidden: list[int], num_classes: int, activation, dropout: DropoutPlan) -> list[nn.Module]:
+def dense_head(
+    width: int, hidden: list[int], num_classes: int, activation, dropout: DropoutPlan
+) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for size in hidden:
         layers += [nn.Linear(width, size), activation(), dropout.dense(dropout.p)]
@@ -70,20 +78,31 @@ def dense_head(width: int, hidden: list[int], num_classes: int, activation, drop
     return [*layers, nn.Linear(width, num_classes)]
 
 
-def conv_stack(in_channels: int, channels: list[int], kernel_size: int, spatial_dims: int, activation, dropout):
+def conv_stack(
+    in_channels: int, channels: list[int], kernel_size: int, spatial_dims: int, activation, dropout
+):
     """1-D: strided convolutions (each halves the length). 2-D: conv -> activation -> 2x2 max-pool blocks."""
     layers: list[nn.Module] = [dropout.dense(dropout.input_p)]
     for out_channels in channels:
         if spatial_dims == 1:
-            layers += [nn.Conv1d(in_channels, out_channels, kernel_size, stride=2, padding=kernel_size // 2), activation()]
+            layers += [
+                nn.Conv1d(in_channels, out_channels, kernel_size, stride=2, padding=kernel_size // 2),
+                activation(),
+            ]
         else:
-            layers += [nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2), activation(), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
+                activation(),
+                nn.MaxPool2d(2),
+            ]
         layers.append(dropout.conv(spatial_dims))
         in_channels = out_channels
     return layers
 
 
-def conv_net(conv_layers, input_shape, hidden: list[int], num_classes: int, activation, dropout) -> nn.Sequential:
+def conv_net(
+    conv_layers, input_shape, hidden: list[int], num_classes: int, activation, dropout
+) -> nn.Sequential:
     features = nn.Sequential(*conv_layers, nn.Flatten())
     with torch.no_grad():
         width = features.eval()(torch.zeros(1, *input_shape)).shape[1]  # flattened size after the conv stack

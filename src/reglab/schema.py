@@ -79,7 +79,9 @@ def int_list(lo: int = 1) -> Spec:
 
 
 def string_list() -> Spec:
-    return Spec(lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings")
+    return Spec(
+        lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings"
+    )
 
 
 def either(*specs: Spec) -> Spec:
@@ -88,7 +90,9 @@ def either(*specs: Spec) -> Spec:
 
 def float_pair() -> Spec:
     return Spec(
-        lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
+        lambda v: (
+            isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v)
+        ),
         "two numbers in [0, 1), e.g. [0.9, 0.999]",
     )
 
@@ -106,7 +110,11 @@ DATA_COMMON = {
 }
 
 SCHEMA: dict[str, Mapping] = {
-    "dataset": {**DATA_COMMON, "test_fraction": number(0, 1, lo_open=True, hi_open=True), "download": boolean()},
+    "dataset": {
+        **DATA_COMMON,
+        "test_fraction": number(0, 1, lo_open=True, hi_open=True),
+        "download": boolean(),
+    },
     "model": {
         "name": choice("mlp", "cnn1d", "cnn"),
         "hidden": int_list(1),
@@ -195,7 +203,16 @@ SCHEMA: dict[str, Mapping] = {
     },
 }
 
-MONITORABLE = ("val/loss", "val/acc", "val/nll", "val/ece", "val/confidence", "train/loss", "train/acc", "gap/loss")
+MONITORABLE = (
+    "val/loss",
+    "val/acc",
+    "val/nll",
+    "val/ece",
+    "val/confidence",
+    "train/loss",
+    "train/acc",
+    "gap/loss",
+)
 
 
 def validate(cfg: Mapping) -> None:
@@ -226,7 +243,9 @@ def _check_cross_keys(cfg: Mapping) -> None:
     l2 = reg.get("l2")
     if l2 and l2["impl"] == "torch" and l2["mode"] == "decoupled" and opt["name"] == "sgd":
         raise ConfigError(
-            "regularizer.l2.impl", "torch", "scratch when mode=decoupled with optimizer=sgd (torch has no decoupled SGD)"
+            "regularizer.l2.impl",
+            "torch",
+            "scratch when mode=decoupled with optimizer=sgd (torch has no decoupled SGD)",
         )
     if l2 and l2["impl"] == "torch" and l2["mode"] == "coupled" and opt["name"] == "adamw":
         raise ConfigError(
@@ -238,13 +257,19 @@ def _check_cross_keys(cfg: Mapping) -> None:
     smoothing = reg.get("label_smoothing")
     if smoothing and smoothing["impl"] == "torch" and smoothing["variant"] != "uniform":
         raise ConfigError(
-            "regularizer.label_smoothing.variant", smoothing["variant"], "uniform with impl=torch (PyTorch's only one)"
+            "regularizer.label_smoothing.variant",
+            smoothing["variant"],
+            "uniform with impl=torch (PyTorch's only one)",
         )
     stop = reg.get("early_stopping")
     if stop and stop["monitor"] not in MONITORABLE:
-        raise ConfigError("regularizer.early_stopping.monitor", stop["monitor"], "one of " + ", ".join(MONITORABLE))
+        raise ConfigError(
+            "regularizer.early_stopping.monitor", stop["monitor"], "one of " + ", ".join(MONITORABLE)
+        )
     if cfg["trainer"]["device"] == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError("trainer.device", "cuda", "auto or cpu: no CUDA device is visible on this machine")
+            raise ConfigError(
+                "trainer.device", "cuda", "auto or cpu: no CUDA device is visible on this machine"
+            )

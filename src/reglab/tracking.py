@@ -72,8 +72,12 @@ class RunRecord:
             run, self.wandb_run = self.wandb_run, None
             try:
                 run.finish(exit_code=1 if failed else 0)
-            except Exception as err:  # a W&B problem at the very end must not turn a finished run into a failure
-                print(f"[reglab] W&B finish failed ({type(err).__name__}: {err}); the files on disk are complete")
+            except (
+                Exception
+            ) as err:  # a W&B problem at the very end must not turn a finished run into a failure
+                print(
+                    f"[reglab] W&B finish failed ({type(err).__name__}: {err}); the files on disk are complete"
+                )
 
 
 def has_wandb_credentials() -> bool:
@@ -108,9 +112,16 @@ def start_wandb(logger_cfg, *, run_dir, name, group, job_type, config, tags, res
         print("[reglab] wandb is not installed: going on without W&B")
         return None
     kwargs = dict(
-        project=wcfg["project"], entity=wcfg["entity"], name=name, group=group, job_type=job_type,
-        tags=sorted(set(tags) | set(wcfg["tags"])), config=config, dir=str(run_dir),
-        id=resume_id, resume="allow" if resume_id else None,
+        project=wcfg["project"],
+        entity=wcfg["entity"],
+        name=name,
+        group=group,
+        job_type=job_type,
+        tags=sorted(set(tags) | set(wcfg["tags"])),
+        config=config,
+        dir=str(run_dir),
+        id=resume_id,
+        resume="allow" if resume_id else None,
     )
     for attempt_mode in [mode, "offline"] if mode == "online" else [mode]:
         try:
@@ -118,9 +129,15 @@ def start_wandb(logger_cfg, *, run_dir, name, group, job_type, config, tags, res
             run = wandb.init(mode=attempt_mode, settings=settings, **kwargs)
             run.define_metric("*", step_metric="epoch")
             if attempt_mode != mode:
-                print(f"[reglab] W&B could not start online; logging offline into {run_dir}/wandb (make wandb-sync)")
+                print(
+                    f"[reglab] W&B could not start online; logging offline into {run_dir}/wandb (make wandb-sync)"
+                )
             return run
-        except Exception as err:  # W&B raises many types (UsageError, CommError, timeouts): none may stop the run
-            print(f"[reglab] W&B {attempt_mode} start failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        except (
+            Exception
+        ) as err:  # W&B raises many types (UsageError, CommError, timeouts): none may stop the run
+            print(
+                f"[reglab] W&B {attempt_mode} start failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            )
     print("[reglab] going on without W&B; metrics.jsonl and summary.json are complete")
     return None

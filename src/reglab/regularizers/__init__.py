@@ -89,7 +89,9 @@ class L2(Technique):
     def penalty(self):
         if self.mode != "penalty":
             return None
-        squares = l1_l2.l2_penalty(self.params) if self.impl == "scratch" else l1_l2.l2_penalty_torch(self.params)
+        squares = (
+            l1_l2.l2_penalty(self.params) if self.impl == "scratch" else l1_l2.l2_penalty_torch(self.params)
+        )
         return 0.5 * self.weight_decay * squares  # λ/2·Σw²: its gradient λ·w matches SGD(weight_decay=λ)
 
     def optimizer_decay(self):
@@ -120,7 +122,9 @@ class L1(Technique):
     def penalty(self):
         if self.mode != "subgradient":
             return None
-        absolute = l1_l2.l1_penalty(self.params) if self.impl == "scratch" else l1_l2.l1_penalty_torch(self.params)
+        absolute = (
+            l1_l2.l1_penalty(self.params) if self.impl == "scratch" else l1_l2.l1_penalty_torch(self.params)
+        )
         return self.strength * absolute
 
     def after_step(self, optimizer):
@@ -135,8 +139,16 @@ class Dropout(Technique):
 
     name = "dropout"
 
-    def __init__(self, p: float, input_p: float = 0.0, conv_p: float | None = None, conv_kind: str = "channel",
-                 max_norm: float | None = None, impl: str = "scratch", mc_samples: int = 0):
+    def __init__(
+        self,
+        p: float,
+        input_p: float = 0.0,
+        conv_p: float | None = None,
+        conv_kind: str = "channel",
+        max_norm: float | None = None,
+        impl: str = "scratch",
+        mc_samples: int = 0,
+    ):
         self.p, self.input_p, self.conv_p, self.conv_kind = p, input_p, conv_p, conv_kind
         self.max_norm, self.impl, self.mc_samples = max_norm, impl, mc_samples
         self.model: nn.Module | None = None
@@ -148,7 +160,9 @@ class Dropout(Technique):
         from reglab.models import DropoutPlan
 
         conv_p = self.p if self.conv_p is None else self.conv_p
-        return DropoutPlan(p=self.p, input_p=self.input_p, conv_p=conv_p, conv_kind=self.conv_kind, impl=self.impl)
+        return DropoutPlan(
+            p=self.p, input_p=self.input_p, conv_p=conv_p, conv_kind=self.conv_kind, impl=self.impl
+        )
 
     def after_step(self, optimizer):
         if self.max_norm is not None:
@@ -190,8 +204,13 @@ class EarlyStoppingTechnique(Technique):
         self.stopper.load_state_dict(state)
 
 
-BUILDERS = {"l1": L1, "l2": L2, "dropout": Dropout, "label_smoothing": LabelSmoothing,
-            "early_stopping": EarlyStoppingTechnique}
+BUILDERS = {
+    "l1": L1,
+    "l2": L2,
+    "dropout": Dropout,
+    "label_smoothing": LabelSmoothing,
+    "early_stopping": EarlyStoppingTechnique,
+}
 
 
 class Regularization:

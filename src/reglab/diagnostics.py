@@ -1,0 +1,411 @@
+"""Overfitting diagnostics of one run: calibration, weight statistics, the onset of overfitting, and plots.
+
+The training loop calls `prediction_metrics` and `weight_statistics` once per epoch, `overfit_onset_epoch` and
+`diagnose` at the end, and the `plot_*` functions to draw a run's figures. matplotlib is imported only inside
+the plotting functions, which build a bare `matplotlib.figure.Figure` (no pyplot): nothing is registered
+globally, no backend is switched, and each figure is freed with its last reference, so thousands of jobs in one
+process do not accumulate figures.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+UNDERFIT_TRAIN_ACC = 0.8  # below this training accuracy the model has not even fit its training data
+WELL_CALIBRATED_ECE = 0.03  # ECE under 3 points: confidence matches accuracy about as well as models get
+SPARSE_ZERO_FRAC = 0.01  # more than 1% exact zeros is a deliberate sparsity pattern (L1 proximal), not chance
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calibration and per-epoch prediction metrics
+
+
+def _calibration_bins(confidences: Tensor, correct: Tensor, n_bins: int) -> Tensor:
+    """Per confidence bin: (sample count, number correct, sum of confidences), shape (n_bins, 3).
+
+    Bin b holds the confidences in (b/n_bins, (b+1)/n_bins]: right-closed, as in Guo et al. (2017); a confidence
+    of exactly 0 falls into bin 0.
+    """
+    confidences = confidences.detach().flatten().float()
+    correct = correct.detach().flatten().to(confidences.dtype)
+    inner_edges = torch.linspace(0, 1, n_bins + 1, device=confidences.device)[1:-1]
+    bin_index = torch.bucketize(confidences, inner_edges)  # right=False: edge[b-1] < confidence <= edge[b]
+    per_sample = torch.stack([torch.ones_like(confidences), correct, confidences], dim=1)
+    return per_sample.new_zeros(n_bins, 3).index_add_(0, bin_index, per_sample)
+
+
+def expected_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int = 15) -> Tensor:
+    """Expected calibration error of top-label confidences (Guo et al. 2017), as a 0-d tensor (no host sync).
+
+    ECE = Σ_b (|B_b|/N)·|acc(B_b) − conf(B_b)| over `n_bins` equal-width bins (lo, hi] of the confidence, which
+    simplifies to Σ_b |Σ_{i∈B_b} (correct_i − confidence_i)| / N. `correct` is 1 where the top-label prediction
+    is right. torchmetrics bins [lo, hi) instead and gives confidences of exactly 1.0 a bin of their own; the
+    two agree unless a confidence lies exactly on a bin edge. N = 0 gives NaN.
+    """
+    counts, n_correct, confidence_sum = _calibration_bins(confidences, correct, n_bins).unbind(dim=1)
+    return (n_correct - confidence_sum).abs().sum() / counts.sum()
+
+
+def _top_label(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probabilities (one softmax, in fp32), top-label confidence and correctness of each sample."""
+    log_probs = F.log_softmax(logits.detach().float(), dim=-1)
+    top_log_prob, predictions = log_probs.max(dim=-1)
+    return log_probs, top_log_prob.exp(), (predictions == targets).float()
+
+
+def prediction_metrics(logits: Tensor, targets: Tensor, n_bins: int = 15) -> dict[str, Tensor]:
+    """Metrics of class predictions as 0-d tensors on the logits' device (nothing is copied to the host).
+
+    "nll": mean cross-entropy −log p(target) without label smoothing; "acc": fraction of correct top-label
+    predictions; "ece": `expected_calibration_error` with `n_bins` bins; "confidence": mean top-label
+    probability. `targets` are class indices.
+    """
+    log_probs, confidences, correct = _top_label(logits, targets)
+    return {
+        "nll": F.nll_loss(log_probs, targets),
+        "acc": correct.mean(),
+        "ece": expected_calibration_error(confidences, correct, n_bins),
+        "confidence": confidences.mean(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight statistics
+
+
+def _weight_tensors(model: nn.Module) -> list[Tensor]:
+    """The parameters that regularizers act on: matrices and conv kernels (ndim >= 2), not biases or norms."""
+    return [parameter.detach() for parameter in model.parameters() if parameter.ndim >= 2]
+
+
+def weight_statistics(model: nn.Module, small: float = 1e-3) -> dict[str, float]:
+    """Size and sparsity of the weight tensors (ndim >= 2; biases and norm parameters are left out).
+
+    "weights/l2" = sqrt(Σw²) (the Euclidean norm, not its square), "weights/l1" = Σ|w|, "weights/zero_frac" =
+    fraction of weights exactly 0, "weights/small_frac" = fraction with |w| < `small`. One host sync in all.
+    """
+    weights = _weight_tensors(model)
+    if not weights:
+        return {"weights/l2": 0.0, "weights/l1": 0.0, "weights/zero_frac": 0.0, "weights/small_frac": 0.0}
+    per_tensor = [
+        torch.stack(
+            [
+                w.square().sum(dtype=torch.float64),
+                w.abs().sum(dtype=torch.float64),
+                (w == 0).sum().double(),
+                (w.abs() < small).sum().double(),
+            ]
+        )
+        for w in weights
+    ]
+    square_sum, abs_sum, n_zero, n_small = torch.stack(per_tensor).sum(dim=0).tolist()
+    n_weights = sum(w.numel() for w in weights)
+    return {
+        "weights/l2": math.sqrt(square_sum),
+        "weights/l1": abs_sum,
+        "weights/zero_frac": n_zero / n_weights,
+        "weights/small_frac": n_small / n_weights,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Onset of overfitting
+
+
+def _finite(value: object) -> float | None:
+    """`value` as a float if it is a finite number, else None (missing keys, null, NaN, inf)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class _LossLevels:
+    """Validation and training loss around the epoch of lowest validation loss, and at the end of training."""
+
+    best_epoch: int  # epoch of the lowest validation loss
+    val_at_best: float  # median validation loss of the epochs centred on best_epoch
+    val_at_end: float  # median validation loss of the last epochs after best_epoch (nan if there are none)
+    train_at_best: float
+    train_at_end: float
+    epochs_after_best: int
+
+    @property
+    def val_rise(self) -> float:
+        """Relative rise of validation loss from its lowest level to the end, e.g. 0.41 for +41%."""
+        return self.val_at_end / self.val_at_best - 1 if self.val_at_best > 0 else math.inf
+
+
+def _loss_levels(history: Sequence[Mapping], window: int) -> _LossLevels | None:
+    """Loss levels of a run's history (see `overfit_onset_epoch`); None without any finite epoch."""
+    epochs, val, train = [], [], []
+    for index, row in enumerate(history):
+        val_loss, train_loss = _finite(row.get("val/loss")), _finite(row.get("train/loss"))
+        if val_loss is None or train_loss is None:
+            break  # divergence (or a damaged record): what follows says nothing about generalization
+        epochs.append(int(row.get("epoch", index + 1)))
+        val.append(val_loss)
+        train.append(train_loss)
+    if not epochs:
+        return None
+    best = min(range(len(val)), key=val.__getitem__)  # the first epoch of the lowest validation loss
+    around_best = slice(max(0, best - window // 2), best + window // 2 + 1)
+    at_end = slice(max(best + 1, len(val) - window), len(val))
+    return _LossLevels(
+        best_epoch=epochs[best],
+        val_at_best=median(val[around_best]),
+        val_at_end=median(val[at_end]) if val[at_end] else math.nan,
+        train_at_best=median(train[around_best]),
+        train_at_end=median(train[at_end]) if train[at_end] else math.nan,
+        epochs_after_best=len(val) - best - 1,
+    )
+
+
+def overfit_onset_epoch(
+    history: Sequence[Mapping],
+    min_rise: float = 0.05,
+    window: int = 5,
+    min_abs_rise: float = 0.01,
+) -> int | None:
+    """The epoch from which the run overfits, or None if it does not (by the end of `history`).
+
+    `history` is the list of per-epoch records (keys "epoch", "val/loss", "train/loss"); it is read up to the
+    first epoch whose losses are missing or not finite (a diverged run stops being about generalization there).
+    Let m be the epoch of the lowest validation loss (the first one on ties). The run overfits from m when, at
+    the end of training, all of these hold:
+
+    1. At least `window // 2 + 1` epochs follow m (3 by default), so that a rise is more than one measurement.
+    2. Validation loss has risen: its median over the last `window` epochs after m is at least
+       (1 + `min_rise`) times, and at least `min_abs_rise` nats above, its median over the `window` epochs
+       centred on m. The relative margin (5%) scales with the loss; the absolute one (0.01 nats) keeps a tiny
+       loss near 0 from counting a negligible wiggle as a rise.
+    3. Training loss has kept falling: its median over those last epochs is below its median around m (if both
+       losses rise, the optimization is unstable, which is not overfitting).
+
+    Medians over windows of 5 epochs make the test robust to noise: one or two outlying epochs can neither start
+    nor hide a rise, and a lucky dip at m does not make a flat curve look like a rise. A rise that later recedes
+    (epoch-wise double descent) is not reported, because the question is whether the final model overfits.
+    """
+    levels = _loss_levels(history, window)
+    if levels is None or levels.epochs_after_best < window // 2 + 1:
+        return None
+    rose = levels.val_at_end >= max((1 + min_rise) * levels.val_at_best, levels.val_at_best + min_abs_rise)
+    train_kept_falling = levels.train_at_end < levels.train_at_best
+    return levels.best_epoch if rose and train_kept_falling else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain-language diagnosis
+
+
+def _overfitting_line(history: Sequence[Mapping], summary: Mapping) -> str:
+    levels = _loss_levels(history, window=5)
+    gap = _finite(summary.get("gap/acc"))
+    gap_text = f"; train-test accuracy gap {100 * gap:.1f} points" if gap is not None else ""
+    if levels is None:
+        return "no overfitting diagnosis: no epoch with finite training and validation loss"
+    onset = overfit_onset_epoch(history)
+    if onset is not None:
+        return (
+            f"overfitting from epoch {onset}: validation loss up {levels.val_rise:.0%} from its lowest level "
+            f"({levels.val_at_best:.3g} -> {levels.val_at_end:.3g}) while training loss fell "
+            f"({levels.train_at_best:.3g} -> {levels.train_at_end:.3g}){gap_text}"
+        )
+    if levels.epochs_after_best == 0:
+        return f"no overfitting detected: validation loss was still at its lowest in the last epoch{gap_text}"
+    return (
+        f"no overfitting detected: validation loss ends {levels.val_rise:+.0%} from its lowest level "
+        f"(epoch {levels.best_epoch}){gap_text}"
+    )
+
+
+def _underfitting_line(summary: Mapping) -> str | None:
+    train_acc = _finite(summary.get("train/acc"))
+    if train_acc is None or train_acc >= UNDERFIT_TRAIN_ACC:
+        return None
+    return (
+        f"training accuracy only {train_acc:.0%}: the model underfits; try more epochs, a larger model or "
+        "learning rate, or weaker regularization"
+    )
+
+
+def _calibration_line(summary: Mapping) -> str | None:
+    ece = _finite(summary.get("test/ece"))
+    if ece is None:
+        return None
+    if ece < WELL_CALIBRATED_ECE:
+        return f"well calibrated: test ECE {ece:.3f}"
+    confidence, accuracy = _finite(summary.get("test/confidence")), _finite(summary.get("test/acc"))
+    if confidence is None or accuracy is None:
+        return f"miscalibrated: test ECE {ece:.3f}"
+    direction = "overconfident" if confidence > accuracy else "underconfident"
+    return f"{direction}: test ECE {ece:.3f} (mean confidence {confidence:.0%} vs accuracy {accuracy:.0%})"
+
+
+def _sparsity_line(summary: Mapping) -> str | None:
+    zero_frac = _finite(summary.get("weights/zero_frac"))
+    if zero_frac is None or zero_frac <= SPARSE_ZERO_FRAC:
+        return None
+    small_frac = _finite(summary.get("weights/small_frac"))
+    small_text = f" ({small_frac:.1%} below 1e-3)" if small_frac is not None else ""
+    return f"sparse weights: {zero_frac:.1%} of the weights are exactly zero{small_text}"
+
+
+def _status_line(summary: Mapping) -> str | None:
+    status, epochs_run = summary.get("status"), summary.get("epochs_run")
+    if status == "failed":
+        return f"run failed after {epochs_run} epochs: {summary.get('error') or 'no error message recorded'}"
+    if status == "diverged":
+        return (
+            f"training diverged (non-finite loss) after {epochs_run} epochs: "
+            "lower the learning rate or the regularization strength"
+        )
+    if status == "early_stopped":
+        return (
+            f"early stopping ended training after epoch {epochs_run}; best epoch {summary.get('best_epoch')}"
+        )
+    return None
+
+
+def diagnose(history: Sequence[Mapping], summary: Mapping) -> list[str]:
+    """A few lines of plain-language diagnosis of a finished run, from its per-epoch history and summary.
+
+    In order: how the run ended (failed, diverged, early stopped; nothing for a completed run), whether and from
+    when it overfits (`overfit_onset_epoch`), underfitting (training accuracy below 80%), calibration (test ECE),
+    sparsity (more than 1% exact zeros). Missing or null values only drop the lines that need them.
+    """
+    lines = [
+        _status_line(summary),
+        _overfitting_line(history, summary),
+        _underfitting_line(summary),
+        _calibration_line(summary),
+        _sparsity_line(summary),
+    ]
+    return [line for line in lines if line]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots (matplotlib imported lazily; bare Figures, freed when the function returns)
+
+
+def _save(figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    figure.clear()
+    return path
+
+
+def _series(history: Sequence[Mapping], key: str) -> tuple[list[int], list[float]]:
+    """Epochs and values of one metric; missing or non-finite values become NaN (a gap in the line)."""
+    epochs = [int(row.get("epoch", index + 1)) for index, row in enumerate(history)]
+    values = [_finite(row.get(key)) for row in history]
+    return epochs, [math.nan if value is None else value for value in values]
+
+
+def plot_curves(
+    history: Sequence[Mapping],
+    path: str | Path,
+    *,
+    best_epoch: int | None = None,
+    onset_epoch: int | None = None,
+    stop_epoch: int | None = None,
+    title: str | None = None,
+) -> Path:
+    """curves.png: loss (left) and accuracy (right) per epoch, training vs validation, with vertical markers at
+    the best epoch, the overfitting onset and the early stop (each only if given). Returns `path`."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    loss_axes, acc_axes = figure.subplots(1, 2)
+    markers = [
+        (best_epoch, "best epoch", "tab:green", "--"),
+        (onset_epoch, "overfitting onset", "tab:red", ":"),
+        (stop_epoch, "early stop", "black", "-."),
+    ]
+    for axes, metric, ylabel in ((loss_axes, "loss", "loss"), (acc_axes, "acc", "accuracy")):
+        for split, color in (("train", "tab:blue"), ("val", "tab:orange")):
+            axes.plot(*_series(history, f"{split}/{metric}"), color=color, label=f"{split}")
+        for epoch, label, color, style in markers:
+            if epoch is not None:
+                axes.axvline(epoch, color=color, linestyle=style, linewidth=1, label=f"{label} ({epoch})")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    acc_axes.set_ylim(0, 1.02)
+    figure.suptitle(title or "training vs validation")
+    return _save(figure, path)
+
+
+def plot_reliability(logits: Tensor, targets: Tensor, path: str | Path, n_bins: int = 15) -> Path:
+    """reliability.png: accuracy per top-label confidence bin against the diagonal of perfect calibration, with
+    each bin's share of the samples as a faint histogram and the ECE in the title. Returns `path`."""
+    from matplotlib.figure import Figure
+
+    _, confidences, correct = _top_label(logits, targets)
+    counts, n_correct, _ = _calibration_bins(confidences, correct, n_bins).cpu().unbind(dim=1)
+    ece = expected_calibration_error(confidences, correct, n_bins).item()
+    lower_edges = [b / n_bins for b in range(n_bins)]
+    filled = counts > 0
+    accuracy = torch.where(filled, n_correct / counts.clamp(min=1), torch.nan).tolist()
+
+    figure = Figure(figsize=(5.5, 5), layout="constrained")
+    axes = figure.subplots()
+    share = (counts / counts.sum().clamp(min=1)).tolist()
+    axes.bar(
+        lower_edges, share, width=1 / n_bins, align="edge", color="grey", alpha=0.25, label="share of samples"
+    )
+    axes.bar(
+        lower_edges,
+        accuracy,
+        width=1 / n_bins,
+        align="edge",
+        edgecolor="tab:blue",
+        fill=False,
+        label="accuracy",
+    )
+    axes.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="perfect calibration")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("top-label confidence")
+    axes.set_ylabel("accuracy in the bin")
+    axes.legend(loc="upper left", fontsize="small")
+    axes.set_title(f"reliability: ECE {ece:.3f} ({n_bins} bins, {int(counts.sum())} samples)")
+    return _save(figure, path)
+
+
+def plot_weight_histogram(model: nn.Module, path: str | Path, n_bins: int = 60) -> Path:
+    """weights.png: histogram of |w| (log x axis) over the weight tensors (ndim >= 2), with the fraction of exact
+    zeros (which a log axis cannot show) in the title and the 1e-3 "small" threshold marked. Returns `path`."""
+    from matplotlib.figure import Figure
+
+    weights = _weight_tensors(model)
+    magnitudes = torch.cat([w.flatten().float().cpu() for w in weights]).abs() if weights else torch.zeros(0)
+    zero_frac = (magnitudes == 0).float().mean().item() if magnitudes.numel() else 0.0
+    log_magnitudes = magnitudes[magnitudes > 0].log10()
+
+    figure = Figure(figsize=(6.5, 4.2), layout="constrained")
+    axes = figure.subplots()
+    if log_magnitudes.numel():
+        low, high = log_magnitudes.min().item(), log_magnitudes.max().item() + 1e-6
+        counts = torch.histc(log_magnitudes, bins=n_bins, min=low, max=high)
+        edges = torch.logspace(low, high, n_bins + 1, dtype=torch.float64)
+        axes.stairs(counts.numpy(), edges.numpy(), fill=True, alpha=0.7, label="nonzero weights")
+        axes.set_xscale("log")
+    axes.axvline(1e-3, color="tab:red", linestyle=":", linewidth=1, label="|w| = 1e-3 (small)")
+    axes.set_xlabel("|w|")
+    axes.set_ylabel("number of weights")
+    axes.legend(fontsize="small", title=f"exact zeros: {zero_frac:.1%}")
+    axes.set_title(f"|w| of {magnitudes.numel():,} weights in {len(weights)} tensors")
+    return _save(figure, path)

@@ -1,0 +1,158 @@
+"""L1 and L2 weight penalties, weight decay (coupled and decoupled) and the proximal step for L1.
+
+Penalties, as computed here (no factor 1/2 inside):
+
+    l1_penalty(w) = Σ|w|            l2_penalty(w) = Σw²
+
+Convention: ``torch.optim.SGD(weight_decay=λ)`` adds λ·w to the gradient, which is the gradient of
+λ/2 · Σw². So adding ``λ/2 · l2_penalty(params)`` to the loss equals SGD's ``weight_decay=λ``.
+
+Weight decay comes in two flavours (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"):
+
+- coupled (L2 regularization, what ``SGD``/``Adam`` ``weight_decay=λ`` do): g <- g + λ·w before the update.
+  With SGD this is the same as decay; with Adam the λ·w term is divided by √v̂ like any gradient, so heavily
+  updated weights are barely decayed.
+- decoupled (``AdamW``): w <- w - lr·λ·w, applied to the weights directly, outside the adaptive update.
+
+L1 by subgradient (λ·Σ|w| in the loss) makes weights oscillate around zero but almost never hit it exactly.
+The proximal gradient step (ISTA) does: after a plain gradient step of size lr, soft-threshold every weight,
+
+    w <- sign(w) · max(|w| - lr·λ, 0),
+
+which is the exact minimizer of ½‖v - w‖² + lr·λ·‖v‖₁ and sets small weights exactly to zero.
+
+Biases and normalization parameters are usually not decayed (they do not cause overfitting through large
+norms, and decaying a norm layer's scale fights the normalization); ``decayed_parameters`` and
+``decay_parameter_groups`` make that split once, for penalties and optimizer groups alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Layers whose parameters rescale normalized activations; nn.RMSNorm exists only in recent PyTorch versions.
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm1d/2d/3d
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def _sum_of(terms: list[Tensor]) -> Tensor:
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def l1_penalty(params: Iterable[Tensor]) -> Tensor:
+    """Σ|w| over all tensors in ``params`` (multiply by λ yourself)."""
+    return _sum_of([p.abs().sum() for p in params])
+
+
+def l2_penalty(params: Iterable[Tensor]) -> Tensor:
+    """Σw² over all tensors in ``params``, without a factor 1/2.
+
+    ``SGD(weight_decay=λ)`` equals adding ``λ/2 · l2_penalty(params)`` to the loss, since d/dw (λ/2 w²) = λw.
+    """
+    return _sum_of([(p * p).sum() for p in params])
+
+
+def l1_penalty_torch(params: Iterable[Tensor]) -> Tensor:
+    """Built-in twin of ``l1_penalty``: Σ ‖w‖₁ via ``torch.linalg.vector_norm(ord=1)``."""
+    return _sum_of([torch.linalg.vector_norm(p, ord=1) for p in params])
+
+
+def l2_penalty_torch(params: Iterable[Tensor]) -> Tensor:
+    """Built-in twin of ``l2_penalty``: Σ ‖w‖₂² via ``torch.linalg.vector_norm``, same convention (no 1/2)."""
+    return _sum_of([torch.linalg.vector_norm(p, ord=2) ** 2 for p in params])
+
+
+def _split_parameters(model: nn.Module, exclude_bias_and_norm: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """(decayed, not decayed) trainable parameters, each listed once even when shared between modules."""
+    decayed: list[Tensor] = []
+    not_decayed: list[Tensor] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            # ndim < 2 catches biases and any other vector/scalar (e.g. a learned temperature).
+            excluded = exclude_bias_and_norm and (param.ndim < 2 or isinstance(module, NORM_LAYERS))
+            (not_decayed if excluded else decayed).append(param)
+    return decayed, not_decayed
+
+
+def decayed_parameters(model: nn.Module, exclude_bias_and_norm: bool = True) -> list[Tensor]:
+    """The trainable parameters that weight decay and penalties apply to.
+
+    With ``exclude_bias_and_norm`` this leaves out tensors with ndim < 2 (biases) and all parameters of
+    normalization layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm).
+    """
+    return _split_parameters(model, exclude_bias_and_norm)[0]
+
+
+def decay_parameter_groups(
+    model: nn.Module, weight_decay: float, exclude_bias_and_norm: bool = True
+) -> list[dict]:
+    """Optimizer parameter groups: ``weight_decay`` for ``decayed_parameters(model)``, 0.0 for the rest.
+
+    Empty groups are omitted. Pass the result to any ``torch.optim`` optimizer in place of
+    ``model.parameters()``.
+    """
+    decayed, not_decayed = _split_parameters(model, exclude_bias_and_norm)
+    groups = [
+        {"params": decayed, "weight_decay": weight_decay},
+        {"params": not_decayed, "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def _check_threshold(threshold: float) -> None:
+    if threshold < 0:
+        raise ValueError(f"soft-threshold must be >= 0 (it is lr·λ), got threshold={threshold}")
+
+
+def proximal_l1_(params: Iterable[Tensor], threshold: float) -> None:
+    """Proximal step for L1, in place: w <- sign(w) · max(|w| - threshold, 0); use threshold = lr·λ."""
+    _check_threshold(threshold)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(p.sign() * (p.abs() - threshold).clamp_(min=0.0))
+
+
+def proximal_l1_torch_(params: Iterable[Tensor], threshold: float) -> None:
+    """Built-in twin of ``proximal_l1_`` via ``torch.nn.functional.softshrink``."""
+    _check_threshold(threshold)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(F.softshrink(p, threshold))
+
+
+def coupled_weight_decay_(params: Iterable[Tensor], weight_decay: float) -> None:
+    """Coupled decay (L2 regularization) in place: grad <- grad + λ·w.
+
+    Call between ``loss.backward()`` and ``optimizer.step()``; equals the optimizer's own ``weight_decay=λ``
+    (for SGD, Adam, RMSprop, ...). Parameters without a gradient are skipped.
+    """
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.grad.add_(p, alpha=weight_decay)
+
+
+def decoupled_weight_decay_(params: Iterable[Tensor], lr: float, weight_decay: float) -> None:
+    """Decoupled decay in place: w <- w - lr·λ·w = w · (1 - lr·λ).
+
+    Call right before ``optimizer.step()`` with the optimizer's current lr (after any scheduler change):
+    that is where ``torch.optim.AdamW`` shrinks the weights, so ``Adam(weight_decay=0)`` plus this equals
+    ``AdamW(weight_decay=λ)``. Parameters without a gradient are skipped, as the optimizer skips them.
+    """
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.mul_(1.0 - lr * weight_decay)

@@ -1,0 +1,103 @@
+"""Label smoothing (Szegedy et al. 2016) and temperature scaling (Guo et al. 2017).
+
+Label smoothing trains against soft targets q instead of one-hot vectors, with the cross-entropy
+
+    loss = -Σ_k q_k log p_k,        log p_k = z_k - logsumexp(z)
+
+for logits z over K classes. Two common choices of q for a sample of class y:
+
+- ``uniform`` (Szegedy et al., and PyTorch's ``label_smoothing=ε``): q = (1-ε)·onehot(y) + ε/K, so the true
+  class gets 1 - ε + ε/K. Closed form: loss = -(1-ε)·log p_y - (ε/K)·Σ_k log p_k.
+- ``off_target``: the true class gets exactly 1 - ε and every other class ε/(K-1) (the classic
+  [0.9, 0.05, 0.05] for K=3, ε=0.1). Closed form, with a = ε/(K-1):
+  loss = -(1-ε-a)·log p_y - a·Σ_k log p_k.
+
+Smoothing keeps the logits from growing without bound to reach a one-hot target, which regularizes and
+usually improves calibration. Temperature scaling fixes calibration after training instead: it fits a single
+T > 0 on validation logits by minimizing the NLL of softmax(z / T); T > 1 softens an overconfident model and
+leaves its argmax (and accuracy) unchanged.
+
+The built-in twin is ``torch.nn.CrossEntropyLoss(label_smoothing=ε)`` or
+``F.cross_entropy(..., label_smoothing=ε)`` (uniform variant only).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+VARIANTS = ("uniform", "off_target")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_arguments(eps: float, variant: str, num_classes: int) -> None:
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label smoothing eps must be in [0, 1], got eps={eps}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown label smoothing variant={variant!r}; allowed values are {VARIANTS}")
+    if variant == "off_target" and num_classes < 2:
+        raise ValueError(f"variant='off_target' needs num_classes >= 2, got num_classes={num_classes}")
+
+
+def _true_and_uniform_weights(eps: float, variant: str, num_classes: int) -> tuple[float, float]:
+    """(w_true, w_all) such that q = w_true·onehot(y) + w_all for every class."""
+    if variant == "uniform":
+        return 1.0 - eps, eps / num_classes
+    off_target = eps / (num_classes - 1)
+    return 1.0 - eps - off_target, off_target
+
+
+def smooth_targets(target: Tensor, num_classes: int, eps: float, variant: str = "uniform") -> Tensor:
+    """Soft target matrix q of shape (N, K) for class indices ``target`` of shape (N,); rows sum to 1."""
+    _check_arguments(eps, variant, num_classes)
+    w_true, w_all = _true_and_uniform_weights(eps, variant, num_classes)
+    onehot = F.one_hot(target, num_classes).float()
+    return w_true * onehot + w_all
+
+
+def label_smoothing_cross_entropy(
+    logits: Tensor, target: Tensor, eps: float, variant: str = "uniform", reduction: str = "mean"
+) -> Tensor:
+    """Cross-entropy against smoothed targets, from scratch: -Σ_k q_k log p_k per sample.
+
+    ``logits`` has shape (N, K, *extra) and ``target`` (N, *extra) with class indices. With
+    log p = z - logsumexp(z), it uses the closed form -w_true·log p_y - w_all·Σ_k log p_k (w_true, w_all as
+    in the module docstring), which never builds the (N, K) target matrix. eps = 0 is plain cross-entropy;
+    the uniform variant equals ``F.cross_entropy(logits, target, label_smoothing=eps)``.
+    """
+    _check_arguments(eps, variant, logits.shape[1])
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction={reduction!r}; allowed values are {REDUCTIONS}")
+    # log p = z - logsumexp(z). log_softmax computes exactly that in one fused pass (and its backward in
+    # another); spelling it as `logits - torch.logsumexp(...)` costs 1.4-1.8x F.cross_entropy's time on CPU.
+    log_probs = torch.log_softmax(logits, dim=1)
+    w_true, w_all = _true_and_uniform_weights(eps, variant, logits.shape[1])
+    log_prob_true = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+    loss = -w_true * log_prob_true - w_all * log_probs.sum(dim=1)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def fit_temperature(logits: Tensor, targets: Tensor, max_iter: int = 100) -> float:
+    """Temperature scaling: the T > 0 that minimizes NLL(softmax(logits / T), targets) on validation data.
+
+    Optimizes log T (so T stays positive) with L-BFGS in float64, starting from T = 1; deterministic.
+    Divide test logits by the returned T before the softmax.
+    """
+    logits = logits.detach().double()
+    targets = targets.detach()
+    log_temperature = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_temperature], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_temperature.exp(), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_temperature.detach().exp())

@@ -1,0 +1,228 @@
+"""Diagnostics: calibration against torchmetrics and by hand, weight statistics, overfitting onset, plots."""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reglab import diagnostics
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calibration and prediction metrics
+
+
+@pytest.mark.parametrize("n_classes, temperature", [(10, 3.0), (3, 0.5), (2, 1.0)])
+def test_ece_matches_torchmetrics(n_classes, temperature):
+    from torchmetrics.classification import MulticlassCalibrationError
+
+    generator = torch.Generator().manual_seed(n_classes)
+    logits = temperature * torch.randn(2000, n_classes, generator=generator)
+    targets = torch.randint(n_classes, (2000,), generator=generator)
+    reference = MulticlassCalibrationError(num_classes=n_classes, n_bins=15, norm="l1")(logits, targets)
+    ours = diagnostics.prediction_metrics(logits, targets)["ece"]
+    assert ours.item() == pytest.approx(reference.item(), abs=1e-6)
+
+
+def test_ece_by_hand():
+    # 2 bins. (0, 0.5]: confidences 0.3 (right), 0.5 (wrong): accuracy 0.5, confidence 0.4 -> |0.1| x 2/5
+    # (0.5, 1]: 0.6 (right), 0.8 (right), 1.0 (wrong): accuracy 2/3, confidence 0.8 -> |-2/15| x 3/5
+    confidences = torch.tensor([0.3, 0.5, 0.6, 0.8, 1.0])
+    correct = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    expected = 0.1 * 2 / 5 + (2 / 15) * 3 / 5  # = 0.12
+    ece = diagnostics.expected_calibration_error(confidences, correct, n_bins=2)
+    assert ece.ndim == 0
+    assert ece.item() == pytest.approx(expected)
+    perfect = diagnostics.expected_calibration_error(torch.tensor([0.5, 0.5, 1.0]), torch.tensor([1, 0, 1]))
+    assert perfect.item() == pytest.approx(0.0)
+
+
+def test_prediction_metrics_match_cross_entropy_and_accuracy():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 7, generator=generator, requires_grad=True)
+    targets = torch.randint(7, (500,), generator=generator)
+    metrics = diagnostics.prediction_metrics(logits, targets)
+    assert set(metrics) == {"nll", "acc", "ece", "confidence"}
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 and not v.requires_grad for v in metrics.values())
+    assert metrics["nll"].item() == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
+    assert metrics["acc"].item() == pytest.approx((logits.argmax(1) == targets).float().mean().item())
+    assert metrics["confidence"].item() == pytest.approx(
+        logits.softmax(1).max(1).values.mean().item(), rel=1e-6
+    )
+
+
+def test_prediction_metrics_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 3.0]])
+    targets = torch.tensor([0, 1, 0])
+    metrics = diagnostics.prediction_metrics(logits, targets)
+    p = 1 / (1 + math.exp(-2))
+    q = 1 / (1 + math.exp(-3))
+    assert metrics["nll"].item() == pytest.approx((-math.log(p) - math.log(0.5) - math.log(1 - q)) / 3)
+    assert metrics["acc"].item() == pytest.approx(
+        1 / 3
+    )  # the tie predicts class 0 (wrong), the last is wrong
+    assert metrics["confidence"].item() == pytest.approx((p + 0.5 + q) / 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight statistics
+
+
+def test_weight_statistics_on_a_hand_set_model():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1), nn.LayerNorm(1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[3.0, 0.0], [-4.0, 0.0005]]))
+        model[0].bias.fill_(100.0)  # biases and norm parameters are not weights: they must not count
+        model[2].weight.copy_(torch.tensor([[0.0, 12.0]]))
+    stats = diagnostics.weight_statistics(model)
+    assert stats["weights/l2"] == pytest.approx(math.sqrt(9 + 16 + 0.0005**2 + 144))  # sqrt(169 + 2.5e-7)
+    assert stats["weights/l1"] == pytest.approx(3 + 4 + 0.0005 + 12)
+    assert stats["weights/zero_frac"] == pytest.approx(2 / 6)
+    assert stats["weights/small_frac"] == pytest.approx(3 / 6)  # the two zeros and 0.0005
+    assert diagnostics.weight_statistics(model, small=1e-4)["weights/small_frac"] == pytest.approx(2 / 6)
+    assert diagnostics.weight_statistics(nn.LayerNorm(3))["weights/l2"] == 0.0  # no weight tensors at all
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Overfitting onset
+
+
+def history(val_losses, train_losses=None):
+    train_losses = train_losses or [2.0 * math.exp(-epoch / 20) for epoch in range(1, len(val_losses) + 1)]
+    return [
+        {"epoch": epoch, "val/loss": val, "train/loss": train}
+        for epoch, (val, train) in enumerate(zip(val_losses, train_losses, strict=True), start=1)
+    ]
+
+
+def u_shape(minimum_at: int = 30, epochs: int = 100) -> list[float]:
+    return [1.0 + (epoch - minimum_at) ** 2 / 300 for epoch in range(1, epochs + 1)]
+
+
+def test_onset_of_u_shaped_validation_loss_is_its_minimum():
+    assert diagnostics.overfit_onset_epoch(history(u_shape(30))) == 30
+
+
+def test_onset_of_noisy_u_shape_is_near_its_minimum():
+    rng = random.Random(0)
+    noisy = [v * (1 + 0.03 * rng.gauss(0, 1)) for v in u_shape(40)]
+    assert abs(diagnostics.overfit_onset_epoch(history(noisy)) - 40) <= 4
+
+
+def test_no_onset_while_validation_loss_decreases():
+    assert diagnostics.overfit_onset_epoch(history([1 + math.exp(-e / 10) for e in range(1, 101)])) is None
+
+
+def test_no_onset_on_noisy_flat_validation_loss():
+    for seed in range(20):
+        rng = random.Random(seed)
+        flat = [1.0 + 0.02 * rng.gauss(0, 1) for _ in range(150)]
+        assert diagnostics.overfit_onset_epoch(history(flat)) is None, seed
+
+
+def test_no_onset_from_single_bumps():
+    flat = [1.0 - 0.001 * epoch for epoch in range(60)]
+    assert diagnostics.overfit_onset_epoch(history([*flat[:-1], 5.0])) is None  # one spike in the last epoch
+    assert diagnostics.overfit_onset_epoch(history([*flat[:-3], 5.0, 5.0, flat[-1]])) is None  # two of five
+    dip = [*flat[:30], 0.5, *flat[31:]]  # one lucky epoch far below the rest: the rest is no rise
+    assert diagnostics.overfit_onset_epoch(history(dip)) is None
+
+
+def test_no_onset_when_training_loss_rises_too():
+    rising_train = [0.5 + epoch / 100 for epoch in range(100)]  # unstable optimization, not overfitting
+    assert diagnostics.overfit_onset_epoch(history(u_shape(30), rising_train)) is None
+
+
+def test_onset_needs_a_few_epochs_after_the_minimum():
+    assert diagnostics.overfit_onset_epoch(history([1.0, 0.5, 0.4, 0.8, 0.9])) is None  # 2 epochs after
+    assert diagnostics.overfit_onset_epoch(history([1.0, 0.5, 0.4, 0.8, 0.9, 0.9])) == 3
+
+
+def test_onset_ignores_epochs_after_divergence_and_missing_values():
+    rows = history(u_shape(30, epochs=60))
+    rows[50]["val/loss"] = float("nan")
+    assert diagnostics.overfit_onset_epoch(rows) == 30  # epochs 31-50 already show the rise
+    assert diagnostics.overfit_onset_epoch([{"epoch": 1, "val/loss": None, "train/loss": 1.0}]) is None
+    assert diagnostics.overfit_onset_epoch([]) is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Diagnosis
+
+
+def test_diagnosis_of_an_overfitting_early_stopped_sparse_overconfident_run():
+    summary = {
+        "status": "early_stopped",
+        "epochs_run": 100,
+        "best_epoch": 30,
+        "gap/acc": 0.352,
+        "train/acc": 1.0,
+        "test/acc": 0.65,
+        "test/ece": 0.21,
+        "test/confidence": 0.86,
+        "weights/zero_frac": 0.25,
+        "weights/small_frac": 0.4,
+    }
+    lines = diagnostics.diagnose(history(u_shape(30)), summary)
+    assert lines[0] == "early stopping ended training after epoch 100; best epoch 30"
+    assert lines[1].startswith("overfitting from epoch 30: validation loss up ")
+    assert lines[1].endswith("train-test accuracy gap 35.2 points")
+    assert "overconfident: test ECE 0.210 (mean confidence 86% vs accuracy 65%)" in lines
+    assert "sparse weights: 25.0% of the weights are exactly zero (40.0% below 1e-3)" in lines
+    assert not any("underfits" in line for line in lines)
+
+
+def test_diagnosis_of_a_healthy_run_and_of_an_underfitting_one():
+    decreasing = history([1 + math.exp(-e / 10) for e in range(1, 51)])
+    healthy = diagnostics.diagnose(decreasing, {"status": "completed", "train/acc": 0.95, "test/ece": 0.01})
+    assert healthy == [
+        "no overfitting detected: validation loss was still at its lowest in the last epoch",
+        "well calibrated: test ECE 0.010",
+    ]
+    underfit = diagnostics.diagnose(decreasing, {"status": "completed", "train/acc": 0.42})
+    assert any(line.startswith("training accuracy only 42%: the model underfits") for line in underfit)
+
+
+def test_diagnosis_of_failed_runs_tolerates_missing_values():
+    lines = diagnostics.diagnose([], {"status": "failed", "error": "ValueError: bad config", "epochs_run": 0})
+    assert lines[0] == "run failed after 0 epochs: ValueError: bad config"
+    diverged = diagnostics.diagnose(history([1.0, float("nan")]), {"status": "diverged", "train/acc": None})
+    assert diverged[0].startswith("training diverged (non-finite loss) after None epochs")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def test_plots_are_written_as_png(tmp_path):
+    rows = history(u_shape(30, epochs=60))
+    for row in rows:
+        row.update({"train/acc": 0.9, "val/acc": 0.7})
+    rows[-1]["val/acc"] = None  # gaps are fine
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(300, 10, generator=generator)
+    targets = torch.randint(10, (300,), generator=generator)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight[:2].zero_()
+    paths = [
+        diagnostics.plot_curves(rows, tmp_path / "curves.png", best_epoch=30, onset_epoch=30, stop_epoch=60),
+        diagnostics.plot_reliability(logits, targets, tmp_path / "reliability.png"),
+        diagnostics.plot_weight_histogram(model, tmp_path / "nested" / "weights.png"),
+        diagnostics.plot_weight_histogram(
+            nn.Linear(2, 2, bias=False).requires_grad_(False).apply(_zero), tmp_path / "zeros.png"
+        ),
+    ]
+    for path in paths:
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        assert path.stat().st_size > 5000
+
+
+def _zero(module: nn.Module) -> None:
+    for parameter in module.parameters():
+        parameter.data.zero_()

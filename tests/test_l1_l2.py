@@ -1,0 +1,236 @@
+"""L1/L2 penalties, coupled and decoupled weight decay, and proximal L1, checked against torch.optim."""
+
+import pytest
+import torch
+from torch import nn
+
+from reglab.regularizers.l1_l2 import (
+    coupled_weight_decay_,
+    decay_parameter_groups,
+    decayed_parameters,
+    decoupled_weight_decay_,
+    l1_penalty,
+    l1_penalty_torch,
+    l2_penalty,
+    l2_penalty_torch,
+    proximal_l1_,
+    proximal_l1_torch_,
+)
+
+LAMBDA = 0.1
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _tensors() -> list[torch.Tensor]:
+    g = _generator()
+    return [torch.randn(5, 3, generator=g), torch.randn(7, generator=g), torch.zeros(2, 2)]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv1d(2, 4, 3),
+        nn.BatchNorm1d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16, 8),
+        nn.LayerNorm(8),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    )
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = _generator(1)
+    return torch.randn(32, 2, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+
+def test_penalties_match_builtin_norms_and_flat_formulas():
+    tensors = _tensors()
+    flat = torch.cat([t.flatten() for t in tensors])
+    torch.testing.assert_close(l1_penalty(tensors), l1_penalty_torch(tensors))
+    torch.testing.assert_close(l2_penalty(tensors), l2_penalty_torch(tensors))
+    torch.testing.assert_close(l1_penalty(tensors), flat.abs().sum())
+    torch.testing.assert_close(l2_penalty(tensors), flat.dot(flat))  # Σw², no factor 1/2
+    assert l1_penalty([]).item() == 0.0 and l2_penalty_torch([]).item() == 0.0
+
+
+def test_penalty_gradients_agree():
+    for scratch, builtin in ((l1_penalty, l1_penalty_torch), (l2_penalty, l2_penalty_torch)):
+        grads = []
+        for penalty in (scratch, builtin):
+            tensors = [t.requires_grad_() for t in _tensors()]
+            penalty(tensors).backward()
+            grads.append(torch.cat([t.grad.flatten() for t in tensors]))
+        torch.testing.assert_close(grads[0], grads[1])
+
+
+def _names(model: nn.Module, params: list[torch.Tensor]) -> set[str]:
+    ids = {id(p) for p in params}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def test_decay_groups_exclude_biases_and_norm_layers():
+    model = _model()
+    model[0].bias.requires_grad_(False)  # frozen parameters belong in no group
+    groups = decay_parameter_groups(model, LAMBDA)
+    assert [g["weight_decay"] for g in groups] == [LAMBDA, 0.0]
+    assert _names(model, groups[0]["params"]) == {"0.weight", "4.weight", "7.weight"}
+    assert _names(model, groups[1]["params"]) == {
+        "1.weight",
+        "1.bias",
+        "4.bias",
+        "5.weight",
+        "5.bias",
+        "7.bias",
+    }
+    assert _names(model, decayed_parameters(model)) == _names(model, groups[0]["params"])
+
+
+def test_decay_groups_without_exclusion_and_empty_groups():
+    model = _model()
+    groups = decay_parameter_groups(model, LAMBDA, exclude_bias_and_norm=False)
+    assert len(groups) == 1 and len(groups[0]["params"]) == len(list(model.parameters()))
+    norm_only = nn.LayerNorm(4)
+    assert decay_parameter_groups(norm_only, LAMBDA) == [
+        {"params": list(norm_only.parameters()), "weight_decay": 0.0}
+    ]
+
+
+def test_shared_parameters_are_listed_once():
+    layer = nn.Linear(4, 4)
+    model = nn.Sequential(layer, nn.ReLU(), layer)
+    assert len(decayed_parameters(model)) == 1
+
+
+def _train(model, optimizer, steps, before_step=lambda: None, penalty=lambda: 0.0):
+    x, y = _batch()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y) + penalty()
+        loss.backward()
+        before_step()
+        optimizer.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_half_l2_penalty_equals_sgd_weight_decay():
+    reference = _model()
+    builtin = _train(reference, torch.optim.SGD(decay_parameter_groups(reference, LAMBDA), lr=0.1), steps=1)
+    model = _model()
+    params = decayed_parameters(model)
+    scratch = _train(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), 1, penalty=lambda: LAMBDA / 2 * l2_penalty(params)
+    )
+    torch.testing.assert_close(scratch, builtin)
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+        lambda params: torch.optim.Adam(params, lr=0.01),
+    ],
+)
+def test_coupled_decay_equals_builtin_weight_decay(make_optimizer):
+    reference = _model()
+    # The groups carry weight_decay=λ for decayed parameters; the scratch run's optimizer has none.
+    builtin = _train(reference, make_optimizer(decay_parameter_groups(reference, LAMBDA)), steps=5)
+    model = _model()
+    params = decayed_parameters(model)
+    optimizer = make_optimizer(model.parameters())
+    scratch = _train(model, optimizer, 5, before_step=lambda: coupled_weight_decay_(params, LAMBDA))
+    torch.testing.assert_close(scratch, builtin)
+
+
+def test_adam_plus_decoupled_decay_equals_adamw():
+    lr, steps = 0.01, 10
+    reference = _model()
+    adamw = _train(reference, torch.optim.AdamW(decay_parameter_groups(reference, LAMBDA), lr=lr), steps)
+
+    model = _model()
+    params = decayed_parameters(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0)
+    scratch = _train(model, optimizer, steps, before_step=lambda: decoupled_weight_decay_(params, lr, LAMBDA))
+    torch.testing.assert_close(scratch, adamw, rtol=1e-6, atol=1e-7)
+
+    coupled_model = _model()
+    coupled = _train(
+        coupled_model, torch.optim.Adam(decay_parameter_groups(coupled_model, LAMBDA), lr=lr), steps
+    )
+    assert (coupled - adamw).abs().max() > 1e-4  # L2 inside Adam is not weight decay
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_excluded_parameters_are_not_decayed(decoupled):
+    model = _model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    params = decayed_parameters(model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no data gradient: any change comes from decay alone
+    for _ in range(3):
+        if decoupled:
+            decoupled_weight_decay_(params, lr=0.1, weight_decay=LAMBDA)
+        else:
+            coupled_weight_decay_(params, LAMBDA)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad.zero_()
+    decayed = _names(model, params)
+    for name, p in model.named_parameters():
+        expected = before[name] * (1 - 0.1 * LAMBDA) ** 3 if name in decayed else before[name]
+        torch.testing.assert_close(p.detach(), expected)
+        assert (name in decayed) != torch.equal(p.detach(), before[name])
+
+
+def test_proximal_l1_scratch_equals_softshrink_exactly():
+    g = _generator()
+    values = torch.cat([torch.randn(1000, generator=g), torch.tensor([0.3, -0.3, 0.0, 0.30001, -0.29999])])
+    scratch, builtin = values.clone(), values.clone()
+    proximal_l1_([scratch], 0.3)
+    proximal_l1_torch_([builtin], 0.3)
+    assert torch.equal(scratch, builtin)
+    small = values.abs() <= 0.3
+    assert (scratch[small] == 0).all()
+    torch.testing.assert_close(scratch[~small], values[~small] - 0.3 * values[~small].sign())
+
+
+def test_proximal_l1_rejects_negative_threshold():
+    with pytest.raises(ValueError, match="threshold=-0.1"):
+        proximal_l1_([torch.ones(2)], -0.1)
+
+
+def _sparse_regression(n: int = 200, features: int = 50, informative: int = 5):
+    g = _generator(0)
+    x = torch.randn(n, features, generator=g)
+    true_w = torch.zeros(features)
+    true_w[:informative] = torch.tensor([2.0, -3.0, 1.5, -1.0, 2.5])
+    y = x @ true_w + 0.1 * torch.randn(n, generator=g)
+    return x, y
+
+
+def _fit_lasso(proximal: bool, steps: int = 300, lr: float = 0.05, strength: float = 0.1) -> torch.Tensor:
+    x, y = _sparse_regression()
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    for _ in range(steps):
+        loss = ((x @ w - y) ** 2).mean() / 2
+        if not proximal:
+            loss = loss + strength * l1_penalty([w])  # subgradient: sign(w) jitters w around 0
+        (grad,) = torch.autograd.grad(loss, w)
+        with torch.no_grad():
+            w -= lr * grad
+        if proximal:
+            proximal_l1_([w], lr * strength)
+    return w.detach()
+
+
+def test_proximal_l1_gives_exact_zeros_and_subgradient_does_not():
+    proximal, subgradient = _fit_lasso(proximal=True), _fit_lasso(proximal=False)
+    assert (proximal[5:] == 0).sum() >= 40  # most of the 45 uninformative weights are exactly 0
+    assert (proximal[:5] != 0).all()  # and the 5 informative ones survive
+    assert (subgradient == 0).sum() <= 1
+    assert subgradient[5:].abs().max() < 0.05  # small, but not zero: that is the point
