@@ -41,6 +41,13 @@ class DataSplits:
         """Shape of one sample, channels first: (C, L) for signals, (C, H, W) for images."""
         return tuple(self.x_train.shape[1:])
 
+    @property
+    def test(self) -> tuple[Tensor, Tensor]:
+        return self.x_test, self.y_test
+
+    def splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        return {"train": (self.x_train, self.y_train), "val": (self.x_val, self.y_val), "test": self.test}
+
     def to(self, device: torch.device) -> DataSplits:
         moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()}
         return DataSplits(**moved)

@@ -34,6 +34,7 @@ from reglab.regularizers.early_stopping import EarlyStopping
 from reglab.tracking import RunRecord, start_wandb
 
 FINISHED = ("completed", "early_stopped")
+FIT_ACCURACY = 0.99  # `fit_epoch`: the first epoch with this training accuracy (how fast a model memorizes)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Interrupted(Exception):
 
 def train(cfg: dict, run_dir: Path, job: Job) -> float:
     """Train one configuration in `run_dir`; returns the evaluated model's val/loss (NaN when the run failed)."""
+    started = time.perf_counter()
     run_dir = Path(run_dir)
     finished = checkpoint.finished_summary(run_dir) if cfg["trainer"]["resume"] else None
     if finished is not None:
@@ -72,7 +74,7 @@ def train(cfg: dict, run_dir: Path, job: Job) -> float:
     optimizer = build_optimizer(cfg["optimizer"], model, regs, cfg["trainer"]["fused_optimizer"], device)
     scheduler = build_scheduler(cfg["trainer"], optimizer)
 
-    state = TrainState(cfg=cfg, run_dir=run_dir, job=job, device=device)
+    state = TrainState(cfg=cfg, run_dir=run_dir, job=job, device=device, started=started)
     if cfg["trainer"]["resume"]:
         checkpoint.resume(cfg["trainer"]["resume"], run_dir, model, optimizer, scheduler, regs, state)
     else:
@@ -127,7 +129,7 @@ class TrainState:
     batch_generator: torch.Generator = field(default_factory=torch.Generator)
     best: EarlyStopping | None = None  # tracks the best val/loss epoch for best.pt, never stops training
     stop_requested: str | None = None
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.perf_counter)  # wall_time_s counts from here
 
 
 def setup_process(trainer: dict) -> torch.device:
@@ -278,9 +280,12 @@ def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
 
 def evaluate(model, x: Tensor, y: Tensor, regs: Regularization, batch_size: int) -> dict[str, Tensor]:
     """loss (the training objective's data loss), nll, acc, ece, confidence: 0-d tensors, no host sync."""
-    logits = predict(model, x, batch_size)
-    with torch.inference_mode():
-        return {"loss": regs.data_loss(logits, y), **diagnostics.prediction_metrics(logits, y)}
+    return scores(predict(model, x, batch_size), y, regs)
+
+
+@torch.inference_mode()
+def scores(logits: Tensor, y: Tensor, regs: Regularization) -> dict[str, Tensor]:
+    return {"loss": regs.data_loss(logits, y), **diagnostics.prediction_metrics(logits, y)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -288,27 +293,41 @@ def evaluate(model, x: Tensor, y: Tensor, regs: Regularization, batch_size: int)
 
 
 def finish(model, data: DataSplits, regs: Regularization, state: TrainState, record: RunRecord) -> dict:
-    regs.end_training(model)  # early stopping restores its best weights here, whatever ended training
     cfg, run_dir = state.cfg, state.run_dir
     batch = cfg["trainer"]["eval_batch_size"]
-    final = {
-        split: as_floats(evaluate(model, x, y, regs, batch))
-        for split, (x, y) in {
-            "train": (data.x_train, data.y_train),
-            "val": (data.x_val, data.y_val),
-            "test": (data.x_test, data.y_test),
-        }.items()
-    }
+    last_model_test = {}
+    if (
+        regs.get("early_stopping") is not None
+    ):  # the model as training left it, before early stopping restores
+        last_model_test = {
+            f"test/last_{k}": v for k, v in as_floats(evaluate(model, *data.test, regs, batch)).items()
+        }
+    regs.end_training(model)  # early stopping restores its best weights here, whatever ended training
+    logits = {split: predict(model, x, batch) for split, (x, _) in data.splits().items()}
+    final = {split: as_floats(scores(logits[split], y, regs)) for split, (_, y) in data.splits().items()}
     summary = build_summary(state, regs, final, diagnostics.weight_statistics(model))
+    summary.update(last_model_test)
+    summary.update(temperature_scaling(logits["val"], data.y_val, logits["test"], data.y_test))
     summary.update(mc_dropout_metrics(model, data, regs))
     if cfg["trainer"]["save_weights"]:
         save_weights(run_dir, model, state.best)
-    plots = write_plots(model, data, state, summary, batch) if cfg["trainer"]["plots"] else []
+    plots = write_plots(model, logits["test"], data.y_test, state, summary) if cfg["trainer"]["plots"] else []
     record.write_summary(summary)
     record.log_images(plots)
     checkpoint.remove(run_dir)  # the run is over: the resumable checkpoint has done its job
     print_summary(summary, run_dir, diagnostics.diagnose(state.history, summary), quiet=state.job.parallel)
     return summary
+
+
+def temperature_scaling(val_logits: Tensor, val_y: Tensor, test_logits: Tensor, test_y: Tensor) -> dict:
+    """The post-hoc calibration reference (Guo et al. 2017): one temperature fitted on validation, applied to test."""
+    from reglab.regularizers.label_smoothing import fit_temperature
+
+    if not torch.isfinite(val_logits).all():
+        return {}
+    temperature = fit_temperature(val_logits, val_y)
+    scaled = as_floats(diagnostics.prediction_metrics(test_logits / temperature, test_y))
+    return {"temperature": temperature, "test/ts_nll": scaled["nll"], "test/ts_ece": scaled["ece"]}
 
 
 def as_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
@@ -326,6 +345,7 @@ def build_summary(state: TrainState, regs: Regularization, final: dict, weights:
         "epochs_run": state.epoch,
         "best_epoch": best_epoch,
         "overfit_onset_epoch": diagnostics.overfit_onset_epoch(state.history),
+        "fit_epoch": next((m["epoch"] for m in state.history if m["train/acc"] >= FIT_ACCURACY), None),
     }
     for split, metrics in final.items():
         summary.update({f"{split}/{k}": v for k, v in metrics.items()})
@@ -385,7 +405,7 @@ def save_weights(run_dir: Path, model: nn.Module, best: EarlyStopping) -> None:
     torch.save(best.best_state if best.best_state is not None else model.state_dict(), run_dir / "best.pt")
 
 
-def write_plots(model, data: DataSplits, state: TrainState, summary: dict, batch_size: int) -> list[Path]:
+def write_plots(model, test_logits: Tensor, test_y: Tensor, state: TrainState, summary: dict) -> list[Path]:
     run_dir = state.run_dir
     stop_epoch = state.epoch if state.status == "early_stopped" else None
     return [
@@ -396,9 +416,7 @@ def write_plots(model, data: DataSplits, state: TrainState, summary: dict, batch
             onset_epoch=summary["overfit_onset_epoch"],
             stop_epoch=stop_epoch,
         ),
-        diagnostics.plot_reliability(
-            predict(model, data.x_test, batch_size), data.y_test, run_dir / "reliability.png"
-        ),
+        diagnostics.plot_reliability(test_logits, test_y, run_dir / "reliability.png"),
         diagnostics.plot_weight_histogram(model, run_dir / "weights.png"),
     ]
 

@@ -69,6 +69,16 @@ METRICS = (  # summary.json keys aggregated per group (report.csv has a mean and
     "weights/l1",
     "wall_time_s",
 )
+RUN_ONLY_KEYS = (
+    "trainer.resume",
+    "trainer.progress",
+    "trainer.plots",
+    "trainer.save_weights",
+    "trainer.on_error",
+    "trainer.checkpoint_every",
+    "dataset.root",
+    "dataset.download",
+)
 MAX_CURVES = 20  # validation-loss lines in one plot; more are unreadable
 MAX_SERIES = 10  # series per strength panel (other settings crossed with the strength)
 STDOUT_ROWS = 15  # rows of the table printed on the terminal
@@ -92,9 +102,12 @@ def _override_value(override: str) -> str:
 
 
 def _is_grouping_override(override: str) -> bool:
-    """Whether an override tells configurations apart: not the seed, not Hydra's own settings."""
+    """Whether an override tells configurations apart: not the seed, not Hydra's own settings, not how a job ran
+    (resuming, logging, progress output and file writing do not change what was trained)."""
     key = _override_key(override)
-    return key != SEED_KEY and key != "hydra" and not key.startswith(("hydra.", "hydra/"))
+    return key not in (SEED_KEY, "hydra", *RUN_ONLY_KEYS) and not key.startswith(
+        ("hydra.", "hydra/", "logger")
+    )
 
 
 def _read_json(path: Path) -> dict | None:
