@@ -50,6 +50,9 @@ format: $(STAMP) ## ruff format and autofix
 bench: $(STAMP) ## speed and memory benchmark; writes docs/performance.md
 	$(PY) benchmarks/bench.py $(ARGS)
 
+reproduce: $(STAMP) ## run every experiment preset (3 seeds each) and write docs/results.md (~20 min)
+	$(PY) -m reglab.reproduce $(ARGS)
+
 wandb-sync: $(STAMP) ## upload every offline W&B run under outputs/ (needs `wandb login` first)
 	@runs=$$(find outputs -type d -name 'offline-run-*' 2>/dev/null); \
 	if [ -z "$$runs" ]; then echo "no offline W&B runs under outputs/"; else $(VENV)/bin/wandb sync $$runs; fi
