@@ -151,6 +151,7 @@ BAD_VALUES = [
     ("regularizer=none", "dataset.name=imagenet", "dataset.name"),
     ("regularizer=none", "optimizer.lr=0", "optimizer.lr"),
     ("regularizer=none", "+trainer.bogus=1", "trainer.bogus"),
+    ("regularizer=none", "+model._target_=os.system", "model._target_"),
 ]
 
 

@@ -11,9 +11,18 @@ from tests.conftest import CONF, job_dirs, read_summary, run_train
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 GRID_SIZES = {  # jobs per preset: the product of its sweep values, seeds included
-    "overfit_baseline": 3, "cnn_baseline": 3, "calibration": 9, "weight_decay": 15, "weight_decay_coupling": 12,
-    "dropout": 12, "dropout_variants": 24, "l1_sparsity": 12, "random_labels": 9, "early_stopping": 6,
-    "small_data": 30, "dropout_conv": 18,
+    "overfit_baseline": 3,
+    "cnn_baseline": 3,
+    "calibration": 9,
+    "weight_decay": 15,
+    "weight_decay_coupling": 12,
+    "dropout": 12,
+    "dropout_variants": 24,
+    "l1_sparsity": 12,
+    "random_labels": 9,
+    "early_stopping": 6,
+    "small_data": 30,
+    "dropout_conv": 18,
 }
 
 
@@ -37,8 +46,19 @@ def test_each_preset_sweeps_exactly_its_grid(preset):
 def test_every_preset_runs_end_to_end_on_a_tiny_budget(tmp_path, data_root):
     sweep = tmp_path / "presets"
     presets = ",".join(PRESETS)  # a list of presets runs each at its defaults, one job per preset
-    run_train(["-m", f"experiment={presets}", "trainer.epochs=2", "dataset.n_train=200", "logger=none",
-               "trainer.plots=false", f"hydra.sweep.dir={sweep}"], tmp_path, data_root)
+    run_train(
+        [
+            "-m",
+            f"experiment={presets}",
+            "trainer.epochs=2",
+            "dataset.n_train=200",
+            "logger=none",
+            "trainer.plots=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+        data_root,
+    )
     summaries = [read_summary(job) for job in job_dirs(sweep)]
     assert len(summaries) == len(PRESETS)
     assert all(s["status"] in ("completed", "early_stopped") for s in summaries), summaries

@@ -48,8 +48,12 @@ class DataSplits:
     def splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         return {"train": (self.x_train, self.y_train), "val": (self.x_val, self.y_val), "test": self.test}
 
-    def to(self, device: torch.device) -> DataSplits:
-        moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()}
+    def to(self, device: torch.device, keep_train_on_host: bool = False) -> DataSplits:
+        """Move the splits to the training device (the training split stays on the host for a DataLoader)."""
+        host = ("x_train", "y_train") if keep_train_on_host else ()
+        moved = {
+            k: v.to(device) if isinstance(v, Tensor) and k not in host else v for k, v in vars(self).items()
+        }
         return DataSplits(**moved)
 
 
@@ -98,6 +102,21 @@ def _with_label_noise(
     noisy = rng.choice(len(y), size=n_noisy, replace=False)
     y[noisy] = rng.integers(0, num_classes, size=n_noisy)
     return y
+
+
+def shift_and_flip(x: Tensor, generator: torch.Generator, max_shift: int = 4) -> Tensor:
+    """Standard image augmentation on a batch (N, C, H, W), on its own device: every image is translated by up to
+    `max_shift` pixels in each direction (zero padding, as in a padded random crop) and mirrored with probability
+    1/2. The random draws come from `generator` (on the host), so runs stay reproducible and resumable."""
+    n, channels, height, width = x.shape
+    shifts = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator).to(x.device)
+    mirror = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    padded = torch.nn.functional.pad(x, (max_shift, max_shift, max_shift, max_shift))
+    rows = (shifts[0, :, None] + torch.arange(height, device=x.device))[:, None, :, None]
+    cols = (shifts[1, :, None] + torch.arange(width, device=x.device))[:, None, None, :]
+    samples = torch.arange(n, device=x.device)[:, None, None, None]
+    crops = padded[samples, torch.arange(channels, device=x.device)[None, :, None, None], rows, cols]
+    return torch.where(mirror[:, None, None, None], crops.flip(-1), crops)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

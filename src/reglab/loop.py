@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from reglab import checkpoint, diagnostics
-from reglab.data import DataSplits, load_dataset
+from reglab.data import DataSplits, load_dataset, shift_and_flip
 from reglab.errors import ConfigError
 from reglab.models import build_model
 from reglab.regularizers import Regularization, build_regularization
@@ -65,7 +65,9 @@ def train(cfg: dict, run_dir: Path, job: Job) -> float:
         return finished.get("val/loss") or math.nan
 
     device = setup_process(cfg["trainer"])
-    data = load_dataset(_Node(cfg["dataset"])).to(device)
+    data = load_dataset(_Node(cfg["dataset"])).to(
+        device, keep_train_on_host=cfg["trainer"]["loader"] == "dataloader"
+    )
     regs = build_regularization(cfg["regularizer"])
     model = build_model(_Node(cfg["model"]), data.input_shape, data.num_classes, regs.dropout_plan()).to(
         device
@@ -84,7 +86,7 @@ def train(cfg: dict, run_dir: Path, job: Job) -> float:
         run_dir=run_dir,
         name=run_name(job.overrides),
         group=job.group,
-        job_type="train",
+        job_type="+".join(regs.names) or "none",  # W&B filters and colours runs by technique
         config=cfg,
         tags=regs.names or ["none"],
         resume_id=state.wandb_id,
@@ -187,16 +189,18 @@ def fit(
         state.batch_generator.manual_seed(trainer["seed"])
     progress = Progress(trainer["progress"], trainer["epochs"], state.job.parallel)
     precision = autocast(trainer["precision"], state.device)
+    network = torch.compile(model) if trainer["compile"] else model  # same parameters; compiled forward
     while state.epoch < trainer["epochs"]:
         epoch = state.epoch + 1
         started = time.perf_counter()
-        losses = train_one_epoch(
-            model, data, optimizer, regs, trainer["batch_size"], state.batch_generator, precision
+        batches = shuffled_batches(
+            data, trainer, state.cfg["dataset"]["augment"], state.batch_generator, state.device
         )
+        losses = train_one_epoch(network, batches, optimizer, regs, precision)
         if scheduler is not None:
             scheduler.step()
         state.train_time_s += time.perf_counter() - started
-        metrics = epoch_metrics(model, data, regs, losses, optimizer, trainer["eval_batch_size"], epoch)
+        metrics = epoch_metrics(network, data, regs, losses, optimizer, trainer["eval_batch_size"], epoch)
         metrics["time_s"] = round(time.perf_counter() - state.started, 4)
         state.history.append(metrics)
         record.log_epoch(metrics)
@@ -219,19 +223,40 @@ def fit(
         state.status = "completed"
 
 
-def train_one_epoch(
-    model, data: DataSplits, optimizer, regs: Regularization, batch_size: int, generator, precision
-):
-    """One pass over the training set in random order; returns the mean data loss and penalty (0-d tensors)."""
+def shuffled_batches(data: DataSplits, trainer: dict, augment: bool, generator: torch.Generator, device):
+    """The training set in a fresh random order, as (x, y) batches on the training device.
+
+    Fast path (`trainer.loader=tensors`): index the resident tensors with a `randperm`, no DataLoader, no workers.
+    `trainer.loader=dataloader` draws the very same batches through a DataLoader (worker processes, pinned memory),
+    for data that should stay in host memory; both paths train identically for the same seed.
+    """
+    order = torch.randperm(len(data.y_train), generator=generator)
+    if trainer["loader"] == "tensors":
+        order = order.to(data.x_train.device)
+        source = ((data.x_train[idx], data.y_train[idx]) for idx in order.split(trainer["batch_size"]))
+    else:
+        dataset = torch.utils.data.TensorDataset(data.x_train, data.y_train)
+        sampler = [idx.tolist() for idx in order.split(trainer["batch_size"])]
+        source = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=trainer["num_workers"],
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator(),  # its own seed draw must not consume the global RNG (dropout masks)
+        )
+    for x, y in source:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield (shift_and_flip(x, generator) if augment else x), y
+
+
+def train_one_epoch(model, batches, optimizer, regs: Regularization, precision):
+    """One pass over the batches; returns the mean data loss and mean penalty (0-d tensors, no host sync)."""
     model.train()
-    n = len(data.y_train)
-    order = torch.randperm(n, generator=generator).to(data.x_train.device)
     data_losses, penalties = [], []
-    for start in range(0, n, batch_size):
-        batch = order[start : start + batch_size]
+    for x, y in batches:
         with precision:
-            logits = model(data.x_train[batch])
-            data_loss = regs.data_loss(logits.float(), data.y_train[batch])
+            logits = model(x)
+            data_loss = regs.data_loss(logits.float(), y)
         penalty = regs.penalty()
         loss = data_loss if penalty is None else data_loss + penalty
         optimizer.zero_grad(set_to_none=True)
@@ -242,8 +267,8 @@ def train_one_epoch(
         data_losses.append(data_loss.detach())
         if penalty is not None:
             penalties.append(penalty.detach())
-    mean_penalty = torch.stack(penalties).mean() if penalties else torch.zeros((), device=data.x_train.device)
-    return torch.stack(data_losses).mean(), mean_penalty
+    mean_data_loss = torch.stack(data_losses).mean()
+    return mean_data_loss, torch.stack(penalties).mean() if penalties else torch.zeros_like(mean_data_loss)
 
 
 def epoch_metrics(model, data: DataSplits, regs, losses, optimizer, eval_batch_size: int, epoch: int) -> dict:
@@ -458,11 +483,12 @@ def flatten(node: dict, prefix: str) -> dict:
 
 def run_name(overrides: list[str]) -> str:
     """A short readable name from the job's overrides: 'l2 weight_decay=0.001 seed=1'."""
-    parts = [
-        o.removeprefix("regularizer=").replace("regularizer.", "").split(".")[-1]
-        for o in overrides
-        if not o.startswith(("hydra.", "logger", "trainer.resume"))
-    ]
+    parts = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.startswith(("hydra.", "logger", "trainer.resume", "dataset.root")):
+            continue
+        parts.append(value if key == "regularizer" else f"{key.rsplit('.', 1)[-1]}={value}")
     return " ".join(parts) or "default"
 
 

@@ -107,6 +107,7 @@ DATA_COMMON = {
     "split_seed": integer(0),
     "n_train": optional(integer(1)),
     "label_noise": number(0, 1),
+    "augment": boolean(),
 }
 
 SCHEMA: dict[str, Mapping] = {
@@ -187,6 +188,8 @@ SCHEMA: dict[str, Mapping] = {
         "checkpoint_every": integer(0),
         "resume": either(boolean(), text()),
         "on_error": choice("auto", "raise", "record"),
+        "loader": choice("tensors", "dataloader"),
+        "num_workers": integer(0),
         "save_weights": boolean(),
         "plots": boolean(),
     },
@@ -203,6 +206,7 @@ SCHEMA: dict[str, Mapping] = {
     },
 }
 
+INSTANTIABLE = ("reglab.", "torch.")  # a config must never name arbitrary code to run
 MONITORABLE = (
     "val/loss",
     "val/acc",
@@ -229,6 +233,10 @@ def _check_node(node, spec: Mapping, path: str) -> None:
         raise ConfigError(path, node, "a config node with keys " + ", ".join(spec))
     for key, value in node.items():
         full = f"{path}.{key}"
+        if key == "_target_" and not str(value).startswith(INSTANTIABLE):
+            raise ConfigError(
+                full, value, "reglab has no instantiable keys; only reglab.* and torch.* classes ever are"
+            )
         if key not in spec:
             raise ConfigError(full, value, f"no such key; known keys of {path}: {', '.join(spec)}")
         rule = spec[key]
@@ -261,6 +269,8 @@ def _check_cross_keys(cfg: Mapping) -> None:
             smoothing["variant"],
             "uniform with impl=torch (PyTorch's only one)",
         )
+    if cfg["dataset"].get("augment") and cfg["dataset"]["name"] == "mnist1d":
+        raise ConfigError("dataset.augment", True, "false for mnist1d (shifts and flips are for 2-D images)")
     stop = reg.get("early_stopping")
     if stop and stop["monitor"] not in MONITORABLE:
         raise ConfigError(

@@ -92,9 +92,11 @@ def has_wandb_credentials() -> bool:
 
 
 def resolve_wandb_mode(mode: str) -> str:
-    """auto -> online with credentials, offline without (never a login prompt)."""
+    """auto -> WANDB_MODE if set, else online with credentials, offline without (never a login prompt)."""
     if mode == "auto":
-        return "online" if has_wandb_credentials() else "offline"
+        legacy = {"dryrun": "offline", "run": "online"}  # older spellings W&B still reads from WANDB_MODE
+        from_env = os.environ.get("WANDB_MODE", "")
+        return legacy.get(from_env, from_env) or ("online" if has_wandb_credentials() else "offline")
     return mode
 
 

@@ -1,0 +1,102 @@
+"""`make bench`: the smoke run prints every comparison in one table, and the docs block is rewritten in place.
+
+Timings are never asserted: on a shared machine they are noise; the benchmark itself judges its targets.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench.py"
+
+# One fragment per row of the table: comparison (number) and measure.
+EXPECTED_ROWS = [
+    ("| 1 | hand-written loop (A) vs reglab default (B)", "whole process, start to exit"),
+    ("| 1 | hand-written loop (A) vs reglab default (B)", "training time: epochs 2..E"),
+    ("| 1 | hand-written loop (A) vs reglab default (B)", "training steps only"),
+    ("| 1 | hand-written loop (A) vs reglab default (B)", "test accuracy"),
+    ("| 1 | flush_denormal=false (A) vs true, the default (B)", "training time: epochs 2..E"),
+    ("| 1 | flush_denormal=false (A) vs true, the default (B)", "whole process, start to exit"),
+    ("| 1 | flush_denormal=false (A) vs true, the default (B)", "test accuracy"),
+    ("| 1 | fused_optimizer=false (A) vs true, the default (B)", "training time: epochs 2..E"),
+    ("| 1 | fused_optimizer=false (A) vs true, the default (B)", "whole process, start to exit"),
+    ("| 1 | fused_optimizer=false (A) vs true, the default (B)", "test accuracy"),
+    ("| 2 | hand-written loop (A) vs reglab + W&B offline", "whole process, start to exit"),
+    ("| 3 | nn.Dropout (A) vs reglab Dropout (dropout) (B)", "(100, 100)"),
+    ("| 3 | nn.Dropout (A) vs reglab Dropout (dropout) (B)", "(256, 4096)"),
+    ("| 3 | F.cross_entropy(label_smoothing=) (A) vs reglab label_smoothing_cross_entropy (B)", "(100, 10)"),
+    (
+        "| 3 | F.cross_entropy(label_smoothing=) (A) vs reglab label_smoothing_cross_entropy (B)",
+        "(256, 1000)",
+    ),
+    ("| 3 | nn.Dropout2d (A) vs reglab ChannelDropout (channel_dropout) (B)", "(32, 64, 16, 16)"),
+    ("| 4 | 2-job grid", "whole sweep, start to exit"),
+    ("| 5 | hand-written loop (A) vs reglab default (B)", "peak resident memory"),
+    ("| 5 | `python -c 'import torch'` alone", "peak resident memory"),
+    ("| 6 | the same training through a Lightning Trainer", "skipped"),
+]
+
+
+def load_bench():
+    """benchmarks/ is not a package: import bench.py from its path."""
+    spec = importlib.util.spec_from_file_location("reglab_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_smoke_run_prints_every_row_and_writes_only_into_tmp(tmp_path, data_root):
+    docs = tmp_path / "performance.md"
+    docs.write_text(
+        "# Performance\n\nprose before\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\nprose after\n"
+    )
+    cmd = [sys.executable, str(BENCH), "--smoke", "--workdir", str(tmp_path / "work")]
+    cmd += ["--data-root", str(data_root), "--docs", str(docs), "--write-docs"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("| # | comparison | measure") for line in lines)
+    for comparison, measure in EXPECTED_ROWS:
+        assert any(line.startswith(comparison) and measure in line for line in lines), (comparison, measure)
+    assert "Targets:" in result.stdout
+    assert "Hardware:" in result.stdout and "Versions:" in result.stdout
+
+    written = docs.read_text()
+    assert "prose before" in written and "prose after" in written and "old" not in written
+    assert "| # | comparison | measure" in written
+
+
+def test_write_docs_replaces_only_the_results_block(tmp_path):
+    bench = load_bench()
+    docs = tmp_path / "performance.md"
+    docs.write_text(f"intro\n{bench.DOCS_START}\nstale table\n{bench.DOCS_END}\noutro\n")
+    bench.write_docs(docs, ["Date: today"], "| new table |", "Targets: 1 of 1 PASS.")
+    text = docs.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n")
+    assert "stale table" not in text and "| new table |" in text and "Date: today" in text
+
+
+def test_write_docs_creates_a_missing_file(tmp_path):
+    bench = load_bench()
+    docs = tmp_path / "docs" / "performance.md"
+    bench.write_docs(docs, ["Date: today"], "| table |", "Targets: 0 of 0 PASS.")
+    assert "| table |" in docs.read_text()
+
+
+def test_ratio_rows_judge_the_median_ratio():
+    bench = load_bench()
+    passed = bench.ratio_row("1", "A vs B", "time", [10.0, 12.0, 11.0], [6.0, 7.0, 9.0], "s", 0.7)
+    failed = bench.ratio_row("1", "A vs B", "time", [10.0, 12.0, 11.0], [8.0, 9.0, 9.0], "s", 0.7)
+    assert passed.result == "PASS" and passed.ratio.startswith("0.64x")
+    assert failed.result == "FAIL"
+    assert bench.ratio_row("1", "A vs B", "time", [1.0], [2.0], "s").result == "info"

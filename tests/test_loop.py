@@ -1,0 +1,63 @@
+"""The loop in-process: the fast tensor path equals the DataLoader path; progress output stays quiet when asked."""
+
+from __future__ import annotations
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from reglab.loop import Job, Progress, run_name, train
+from tests.conftest import CONF, read_metrics, read_summary
+
+
+def config(data_root, *overrides) -> dict:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[f"dataset.root={data_root}", "logger=none", "trainer.plots=false", *overrides],
+        )
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def without_time(rows):
+    return [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+
+
+def test_the_tensor_fast_path_trains_exactly_like_the_dataloader_path(tmp_path, data_root):
+    for loader in ("tensors", "dataloader"):
+        run_dir = tmp_path / loader
+        run_dir.mkdir()
+        train(
+            config(data_root, f"trainer.loader={loader}", "trainer.epochs=3", "regularizer=dropout"),
+            run_dir,
+            Job(),
+        )
+    assert without_time(read_metrics(tmp_path / "tensors")) == without_time(
+        read_metrics(tmp_path / "dataloader")
+    )
+    assert read_summary(tmp_path / "tensors")["test/acc"] == read_summary(tmp_path / "dataloader")["test/acc"]
+
+
+def test_the_validation_objective_is_returned(tmp_path, data_root):
+    objective = train(config(data_root, "trainer.epochs=2"), tmp_path, Job())
+    assert objective == read_summary(tmp_path)["val/loss"]
+
+
+def test_progress_is_silent_in_parallel_launchers_and_off_a_terminal(capsys):
+    metrics = {"epoch": 1, "train/loss": 1.0, "train/acc": 0.5, "val/loss": 1.2, "val/acc": 0.4}
+    for progress in (
+        Progress("auto", 10, parallel=True),
+        Progress("auto", 10, parallel=False),
+        Progress("none", 10, False),
+    ):
+        progress.update(metrics)
+        progress.close()
+    assert capsys.readouterr().out == ""  # pytest's captured stdout is not a terminal
+    Progress("epochs", 10, parallel=False).update(metrics)
+    assert "epoch    1/10" in capsys.readouterr().out
+
+
+def test_run_names_come_from_the_overrides():
+    assert run_name(["regularizer=l2", "regularizer.l2.weight_decay=0.001", "trainer.seed=1"]) == (
+        "l2 weight_decay=0.001 seed=1"
+    )
+    assert run_name([]) == "default"
