@@ -48,6 +48,7 @@ def load_bench():
     """benchmarks/ is not a package: import bench.py from its path."""
     spec = importlib.util.spec_from_file_location("reglab_bench", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
 

@@ -41,53 +41,47 @@ def assert_pairs_match(runs: dict, rel: float = 1e-5) -> None:
             assert mine["loss/total"] == pytest.approx(theirs["loss/total"], rel=rel), setting
 
 
-def test_l2_every_mode_scratch_equals_torch(tmp_path, data_root):
-    runs = sweep(
-        tmp_path,
-        data_root,
-        "l2",
-        [
-            "trainer.epochs=3",
-            "regularizer=l2",
-            "regularizer.l2.weight_decay=0.01",
-            "regularizer.l2.mode=penalty,coupled,decoupled",
-            "regularizer.l2.impl=scratch,torch",
-        ],
-    )
-    assert len(runs) == 3
-    assert_pairs_match(runs)
-
-
-def test_l1_both_modes_scratch_equals_torch(tmp_path, data_root):
-    runs = sweep(
-        tmp_path,
-        data_root,
-        "l1",
-        [
-            "trainer.epochs=3",
-            "regularizer=l1",
-            "regularizer.l1.strength=0.001",
-            "regularizer.l1.mode=subgradient,proximal",
-            "regularizer.l1.impl=scratch,torch",
-        ],
-    )
-    assert len(runs) == 2
-    assert_pairs_match(runs)
-
-
-def test_label_smoothing_scratch_equals_torch(tmp_path, data_root):
-    runs = sweep(
-        tmp_path,
-        data_root,
-        "ls",
-        [
-            "trainer.epochs=3",
-            "regularizer=label_smoothing",
-            "regularizer.label_smoothing.eps=0.1",
-            "regularizer.label_smoothing.impl=scratch,torch",
-        ],
-    )
-    assert_pairs_match(runs, rel=1e-4)
+@pytest.mark.parametrize(
+    ("name", "args", "settings", "rel"),
+    [
+        (
+            "l2",
+            [
+                "regularizer=l2",
+                "regularizer.l2.weight_decay=0.01",
+                "regularizer.l2.mode=penalty,coupled,decoupled",
+                "regularizer.l2.impl=scratch,torch",
+            ],
+            3,
+            1e-5,
+        ),
+        (
+            "l1",
+            [
+                "regularizer=l1",
+                "regularizer.l1.strength=0.001",
+                "regularizer.l1.mode=subgradient,proximal",
+                "regularizer.l1.impl=scratch,torch",
+            ],
+            2,
+            1e-5,
+        ),
+        (
+            "label_smoothing",
+            [
+                "regularizer=label_smoothing",
+                "regularizer.label_smoothing.eps=0.1",
+                "regularizer.label_smoothing.impl=scratch,torch",
+            ],
+            1,
+            1e-4,
+        ),
+    ],
+)
+def test_every_mode_scratch_equals_torch(tmp_path, data_root, name, args, settings, rel):
+    runs = sweep(tmp_path, data_root, name, ["trainer.epochs=3", *args])
+    assert len(runs) == settings
+    assert_pairs_match(runs, rel=rel)
 
 
 def test_dropout_scratch_and_torch_train_alike(tmp_path, data_root):

@@ -144,12 +144,18 @@ def weight_decay(results):
     )
 
 
+def by_strength_and_mode(runs: list[dict], technique: str, strength_key: str, modes: tuple[str, str]):
+    """(strength, runs of the first mode, runs of the second mode) for every strength on the grid."""
+    key = f"regularizer.{technique}.{strength_key}"
+    for strength in sorted({r["hparams"][key] for r in runs}):
+        at_strength = [r for r in runs if r["hparams"][key] == strength]
+        yield strength, *(select(at_strength, **{f"regularizer__{technique}__mode": mode}) for mode in modes)
+
+
 def weight_decay_coupling(results):
     runs = results["weight_decay_coupling"]
     parts, differ = [], []
-    for wd in sorted({r["hparams"]["regularizer.l2.weight_decay"] for r in runs}):
-        coupled = select(runs, regularizer__l2__weight_decay=wd, regularizer__l2__mode="coupled")
-        decoupled = select(runs, regularizer__l2__weight_decay=wd, regularizer__l2__mode="decoupled")
+    for wd, coupled, decoupled in by_strength_and_mode(runs, "l2", "weight_decay", ("coupled", "decoupled")):
         parts.append(
             f"λ={wd:g}: coupled test {ms(coupled, 'test/acc')}% |w| {ms(coupled, 'weights/l2', 1, 1)}, "
             f"decoupled test {ms(decoupled, 'test/acc')}% |w| {ms(decoupled, 'weights/l2', 1, 1)}"
@@ -203,9 +209,7 @@ def dropout_variants(results):
 def l1_sparsity(results):
     runs, baseline = results["l1_sparsity"], results.get("overfit_baseline", [])
     parts, holds = [], True
-    for strength in sorted({r["hparams"]["regularizer.l1.strength"] for r in runs}):
-        prox = select(runs, regularizer__l1__strength=strength, regularizer__l1__mode="proximal")
-        sub = select(runs, regularizer__l1__strength=strength, regularizer__l1__mode="subgradient")
+    for strength, prox, sub in by_strength_and_mode(runs, "l1", "strength", ("proximal", "subgradient")):
         parts.append(
             f"λ={strength:g}: proximal zeros {ms(prox, 'weights/zero_frac')}% test {ms(prox, 'test/acc')}%, "
             f"subgradient zeros {ms(sub, 'weights/zero_frac')}% test {ms(sub, 'test/acc')}%"

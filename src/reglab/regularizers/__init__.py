@@ -73,43 +73,8 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
-class L2(Technique):
-    """L2 / weight decay in three modes (see l1_l2.py for the math and the λ/2 convention)."""
-
-    name = "l2"
-
-    def __init__(self, weight_decay: float, mode: str, impl: str, exclude_bias_and_norm: bool = True):
-        self.weight_decay, self.mode, self.impl = weight_decay, mode, impl
-        self.exclude_bias_and_norm = exclude_bias_and_norm
-        self.params: list[Tensor] = []
-
-    def setup(self, model):
-        self.params = l1_l2.decayed_parameters(model, self.exclude_bias_and_norm)
-
-    def penalty(self):
-        if self.mode != "penalty":
-            return None
-        squares = (
-            l1_l2.l2_penalty(self.params) if self.impl == "scratch" else l1_l2.l2_penalty_torch(self.params)
-        )
-        return 0.5 * self.weight_decay * squares  # λ/2·Σw²: its gradient λ·w matches SGD(weight_decay=λ)
-
-    def optimizer_decay(self):
-        if self.impl == "torch" and self.mode != "penalty":
-            return self.weight_decay, self.mode == "decoupled"
-        return None
-
-    def before_step(self, optimizer):
-        if self.impl == "scratch" and self.mode == "coupled":
-            l1_l2.coupled_weight_decay_(self.params, self.weight_decay)  # grad += λ·w, as SGD/Adam do inside
-        elif self.impl == "scratch" and self.mode == "decoupled":
-            l1_l2.decoupled_weight_decay_(self.params, _current_lr(optimizer), self.weight_decay)
-
-
-class L1(Technique):
-    """L1: subgradient (λ·Σ|w| in the loss) or proximal (soft-threshold by lr·λ after each step: exact zeros)."""
-
-    name = "l1"
+class WeightNormTechnique(Technique):
+    """Shared by L1 and L2: a strength λ, a mode, an impl, and the weights they act on (no biases/norms)."""
 
     def __init__(self, strength: float, mode: str, impl: str, exclude_bias_and_norm: bool = True):
         self.strength, self.mode, self.impl = strength, mode, impl
@@ -118,6 +83,40 @@ class L1(Technique):
 
     def setup(self, model):
         self.params = l1_l2.decayed_parameters(model, self.exclude_bias_and_norm)
+
+
+class L2(WeightNormTechnique):
+    """L2 / weight decay in three modes (see l1_l2.py for the math and the λ/2 convention)."""
+
+    name = "l2"
+
+    def __init__(self, weight_decay: float, mode: str, impl: str, exclude_bias_and_norm: bool = True):
+        super().__init__(weight_decay, mode, impl, exclude_bias_and_norm)
+
+    def penalty(self):
+        if self.mode != "penalty":
+            return None
+        squares = (
+            l1_l2.l2_penalty(self.params) if self.impl == "scratch" else l1_l2.l2_penalty_torch(self.params)
+        )
+        return 0.5 * self.strength * squares  # λ/2·Σw²: its gradient λ·w matches SGD(weight_decay=λ)
+
+    def optimizer_decay(self):
+        if self.impl == "torch" and self.mode != "penalty":
+            return self.strength, self.mode == "decoupled"
+        return None
+
+    def before_step(self, optimizer):
+        if self.impl == "scratch" and self.mode == "coupled":
+            l1_l2.coupled_weight_decay_(self.params, self.strength)  # grad += λ·w, as SGD/Adam do inside
+        elif self.impl == "scratch" and self.mode == "decoupled":
+            l1_l2.decoupled_weight_decay_(self.params, _current_lr(optimizer), self.strength)
+
+
+class L1(WeightNormTechnique):
+    """L1: subgradient (λ·Σ|w| in the loss) or proximal (soft-threshold by lr·λ after each step: exact zeros)."""
+
+    name = "l1"
 
     def penalty(self):
         if self.mode != "subgradient":

@@ -94,19 +94,11 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-class ChannelDropout(nn.Module):
+class ChannelDropout(Dropout):
     """From-scratch channel-wise dropout layer (the scratch twin of ``nn.Dropout1d/2d/3d``)."""
-
-    def __init__(self, p: float = 0.5) -> None:
-        super().__init__()
-        _check_probability(p)
-        self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
         return channel_dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 def build_dropout(p: float, impl: str = "scratch", spatial_dims: int = 0) -> nn.Module:
