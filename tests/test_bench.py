@@ -16,32 +16,35 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench.py"
 
-# One fragment per row of the table: comparison (number) and measure.
+# Every row of the table: its comparison's number, the start of the comparison, a fragment of the measure.
 EXPECTED_ROWS = [
-    ("| 1 | hand-written loop (A) vs reglab default (B)", "whole process, start to exit"),
-    ("| 1 | hand-written loop (A) vs reglab default (B)", "training time: epochs 2..E"),
-    ("| 1 | hand-written loop (A) vs reglab default (B)", "training steps only"),
-    ("| 1 | hand-written loop (A) vs reglab default (B)", "test accuracy"),
-    ("| 1 | flush_denormal=false (A) vs true, the default (B)", "training time: epochs 2..E"),
-    ("| 1 | flush_denormal=false (A) vs true, the default (B)", "whole process, start to exit"),
-    ("| 1 | flush_denormal=false (A) vs true, the default (B)", "test accuracy"),
-    ("| 1 | fused_optimizer=false (A) vs true, the default (B)", "training time: epochs 2..E"),
-    ("| 1 | fused_optimizer=false (A) vs true, the default (B)", "whole process, start to exit"),
-    ("| 1 | fused_optimizer=false (A) vs true, the default (B)", "test accuracy"),
-    ("| 2 | hand-written loop (A) vs reglab + W&B offline", "whole process, start to exit"),
-    ("| 3 | nn.Dropout (A) vs reglab Dropout (dropout) (B)", "(100, 100)"),
-    ("| 3 | nn.Dropout (A) vs reglab Dropout (dropout) (B)", "(256, 4096)"),
-    ("| 3 | F.cross_entropy(label_smoothing=) (A) vs reglab label_smoothing_cross_entropy (B)", "(100, 10)"),
-    (
-        "| 3 | F.cross_entropy(label_smoothing=) (A) vs reglab label_smoothing_cross_entropy (B)",
-        "(256, 1000)",
-    ),
-    ("| 3 | nn.Dropout2d (A) vs reglab ChannelDropout (channel_dropout) (B)", "(32, 64, 16, 16)"),
-    ("| 4 | 2-job grid", "whole sweep, start to exit"),
-    ("| 5 | hand-written loop (A) vs reglab default (B)", "peak resident memory"),
-    ("| 5 | `python -c 'import torch'` alone", "peak resident memory"),
-    ("| 6 | the same training through a Lightning Trainer", "skipped"),
+    ("1", "hand-written loop (A) vs reglab default (B)", "whole process, start to exit"),
+    ("1", "hand-written loop (A) vs reglab default (B)", "training time: epochs 2..E"),
+    ("1", "hand-written loop (A) vs reglab default (B)", "training steps only"),
+    ("1", "hand-written loop (A) vs reglab default (B)", "test accuracy"),
+    ("1", "flush_denormal=false (A) vs true, the default (B)", "training time: epochs 2..E"),
+    ("1", "flush_denormal=false (A) vs true, the default (B)", "whole process, start to exit"),
+    ("1", "flush_denormal=false (A) vs true, the default (B)", "test accuracy"),
+    ("1", "fused_optimizer=false (A) vs true, the default (B)", "training time: epochs 2..E"),
+    ("1", "fused_optimizer=false (A) vs true, the default (B)", "whole process, start to exit"),
+    ("1", "fused_optimizer=false (A) vs true, the default (B)", "test accuracy"),
+    ("2", "hand-written loop (A) vs reglab + W&B offline", "whole process, start to exit"),
+    ("3", "nn.Dropout (A) vs reglab Dropout (dropout) (B)", "(100, 100)"),
+    ("3", "nn.Dropout (A) vs reglab Dropout (dropout) (B)", "(256, 4096)"),
+    ("3", "F.cross_entropy(label_smoothing=) (A) vs reglab label_smoothing_cross_entropy (B)", "(100, 10)"),
+    ("3", "F.cross_entropy(label_smoothing=) (A) vs reglab label_smoothing_cross_entropy (B)", "(256, 1000)"),
+    ("3", "nn.Dropout2d (A) vs reglab ChannelDropout (channel_dropout) (B)", "(32, 64, 16, 16)"),
+    ("4", "2-job grid", "whole sweep, start to exit"),
+    ("5", "hand-written loop (A) vs reglab default (B)", "peak resident memory"),
+    ("5", "`python -c 'import torch'` alone", "peak resident memory"),
+    ("6", "the same training through a Lightning Trainer", "skipped"),
 ]
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of every Markdown table line in `text` (the separator line left out)."""
+    lines = [line for line in text.splitlines() if line.startswith("|") and not line.startswith("|-")]
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
 
 
 def load_bench():
@@ -65,16 +68,18 @@ def test_smoke_run_prints_every_row_and_writes_only_into_tmp(tmp_path, data_root
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
 
-    lines = result.stdout.splitlines()
-    assert any(line.startswith("| # | comparison | measure") for line in lines)
-    for comparison, measure in EXPECTED_ROWS:
-        assert any(line.startswith(comparison) and measure in line for line in lines), (comparison, measure)
+    rows = table_rows(result.stdout)
+    assert rows[0][:3] == ["#", "comparison", "measure"]
+    for number, comparison, measure in EXPECTED_ROWS:
+        assert any(
+            row[0] == number and row[1].startswith(comparison) and measure in row[2] for row in rows
+        ), (number, comparison, measure)
     assert "Targets:" in result.stdout
     assert "Hardware:" in result.stdout and "Versions:" in result.stdout
 
     written = docs.read_text()
     assert "prose before" in written and "prose after" in written and "old" not in written
-    assert "| # | comparison | measure" in written
+    assert table_rows(written)[0][:3] == ["#", "comparison", "measure"]
 
 
 def test_write_docs_replaces_only_the_results_block(tmp_path):

@@ -166,15 +166,26 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(option, override,
     assert override.split("=", 1)[1] in message
 
 
+def test_missing_keys_are_named():
+    cfg = composed("+regularizer.l2.weight_decay=0.1")  # an l2 node without the l2 option's other keys
+    with pytest.raises(ConfigError, match="regularizer.l2.mode"):
+        validate(cfg)
+    cfg = composed("model=cnn1d")
+    del cfg["model"]["channels"]
+    with pytest.raises(ConfigError, match="model.channels"):
+        validate(cfg)
+
+
 def test_contradictory_keys_are_refused():
     cfg = composed(
         "regularizer=l2", "optimizer=sgd", "regularizer.l2.mode=decoupled", "regularizer.l2.impl=torch"
     )
     with pytest.raises(ConfigError, match="regularizer.l2.impl"):
         validate(cfg)
-    cfg = composed("regularizer=l2", "optimizer=adamw", "regularizer.l2.impl=torch")
-    with pytest.raises(ConfigError, match="regularizer.l2.mode"):
-        validate(cfg)
+    for impl in ("scratch", "torch"):
+        cfg = composed("regularizer=l2", "optimizer=adamw", f"regularizer.l2.impl={impl}")
+        with pytest.raises(ConfigError, match="regularizer.l2.mode"):
+            validate(cfg)
     cfg = composed(
         "regularizer=label_smoothing",
         "regularizer.label_smoothing.impl=torch",

@@ -185,3 +185,93 @@ def test_wandb_unreachable_never_fails_the_run(tmp_path, data_root, monkeypatch)
     for path in run_dir.rglob("*"):  # the API key is never written anywhere
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_bad_input_in_one_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path, data_root):
+    sweep = tmp_path / "sweep"
+    result = run_train(
+        [
+            "-m",
+            *QUICK,
+            *TINY,
+            "regularizer=dropout",
+            "regularizer.dropout.p=0.2,1.5",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+        data_root,
+    )
+    good, bad = (read_summary(job) for job in job_dirs(sweep))
+    assert good["status"] == "completed"
+    assert bad["status"] == "failed" and "regularizer.dropout.p=1.5" in bad["error"]
+    assert "regularizer.dropout.p=1.5 is not allowed" in result.stderr
+    assert "regularizer.dropout.p=1.5" in (sweep / "report.md").read_text()
+
+
+def test_a_checkpoint_of_another_model_gives_a_clear_error(tmp_path, data_root):
+    run_dir = tmp_path / "run"
+    process = start_run(
+        [*QUICK, "trainer.epochs=40", "trainer.checkpoint_every=1", f"hydra.run.dir={run_dir}"],
+        tmp_path,
+        data_root,
+    )
+    wait_for_epochs(run_dir / "metrics.jsonl", 2, process)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    result = run_train(
+        [*QUICK, "trainer.epochs=40", "model.hidden=[50]", "trainer.resume=true", f"hydra.run.dir={run_dir}"],
+        tmp_path,
+        data_root,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "does not fit this config" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_last_weights_are_the_final_ones_even_when_early_stopping_restores(tmp_path, data_root):
+    from omegaconf import OmegaConf
+
+    from reglab.models import DropoutPlan, build_model
+
+    run_dir = tmp_path / "run"
+    run_train(
+        [
+            "logger=none",
+            "trainer.plots=false",
+            "trainer.epochs=20",
+            "regularizer=early_stopping",
+            "regularizer.early_stopping.patience=3",
+            f"hydra.run.dir={run_dir}",
+        ],
+        tmp_path,
+        data_root,
+    )
+    summary = read_summary(run_dir)
+    from reglab.data import load_dataset
+
+    data = load_dataset(
+        OmegaConf.create(
+            {
+                "name": "mnist1d",
+                "root": str(data_root),
+                "val_fraction": 0.2,
+                "split_seed": 0,
+                "n_train": None,
+                "label_noise": 0.0,
+            }
+        )
+    )
+    model = build_model(
+        OmegaConf.create({"name": "mlp", "hidden": [100, 100], "activation": "relu"}),
+        (1, 40),
+        10,
+        DropoutPlan(),
+    )
+    accuracy = {}
+    for name in ("best", "last"):
+        model.load_state_dict(torch.load(run_dir / f"{name}.pt", weights_only=True))
+        with torch.no_grad():
+            accuracy[name] = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    assert accuracy["last"] == pytest.approx(summary["test/last_acc"])
+    assert accuracy["best"] == pytest.approx(summary["test/acc"])  # the restored, evaluated model
+    assert summary["best_epoch"] < summary["epochs_run"]  # so the two differ: the test can tell them apart

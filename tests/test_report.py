@@ -66,7 +66,7 @@ def sweep(tmp_path: Path) -> Path:
     """9 jobs, 4 groups: two seeds of no regularization, three weight decays; a failed job with an error, a
     diverged job, a job killed mid-write (no summary.json, truncated metrics.jsonl)."""
     root = tmp_path / "multirun" / "12-00-00-000001-42"
-    none, l2 = ["regularizer=none", "logger=none"], ["regularizer=l2", "logger=none"]
+    none, l2 = ["regularizer=none", "trainer.epochs=5"], ["regularizer=l2", "trainer.epochs=5"]
     write_job(root, 0, [*none, "trainer.seed=0"], finished(0.60, **{"weights/zero_frac": 0.0}))
     write_job(root, 1, [*none, "trainer.seed=1", "hydra.verbose=true"], finished(0.64))
     write_job(
@@ -138,7 +138,7 @@ def test_report_files_table_and_failure_section(sweep):
     markdown = markdown_path.read_text()
     assert "| **68.0 ± 2.8** |" in markdown  # the best mean test accuracy, in bold
     assert "`l2 weight_decay=0.001` | 2 (+1 excluded) |" in markdown
-    assert "Overrides shared by every job: `logger=none`" in markdown
+    assert "Overrides shared by every job: `trainer.epochs=5`" in markdown
     failures = markdown.split("## Failed, diverged or incomplete jobs")[1]
     assert "| `4` | `l2 weight_decay=0.001` | failed | RuntimeError: out of memory \\| retry |" in failures
     assert "| `6` | `l2 weight_decay=0` | diverged | diverged after 2 epochs |" in failures

@@ -10,19 +10,16 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from reglab.errors import FINISHED, CheckpointError
+from reglab.tracking import write_atomic
+
 FORMAT = "reglab-checkpoint-1"
 FILENAME = "checkpoint.pt"
-FINISHED = ("completed", "early_stopped")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated or not reglab's."""
+SKIPPED_ON_RESUME = (*FINISHED, "diverged")  # a diverged run would diverge again: resuming a sweep skips it
 
 
 def save(state, model, optimizer, scheduler, regs) -> Path:
@@ -41,10 +38,7 @@ def save(state, model, optimizer, scheduler, regs) -> Path:
         "wandb_id": state.wandb_id,
     }
     path = state.run_dir / FILENAME
-    fd, tmp = tempfile.mkstemp(dir=state.run_dir, prefix=FILENAME, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        torch.save(payload, f)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(payload, f))
     return path
 
 
@@ -72,16 +66,25 @@ def resume(resume_from, run_dir: Path, model, optimizer, scheduler, regs, state)
         clear_stale_files(run_dir)
         return False
     payload = load(path)
+    try:
+        restore(payload, model, optimizer, scheduler, regs, state)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"trainer.resume: {path} does not fit this config (another model, optimizer or regularizer?): "
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        ) from err
+    # a checkpoint from another directory brings its metrics along
+    state.history = truncate_metrics(path.parent / "metrics.jsonl", run_dir / "metrics.jsonl", state.epoch)
+    print(f"[reglab] resumed from {path} at epoch {state.epoch}")
+    return True
+
+
+def restore(payload: dict, model, optimizer, scheduler, regs, state) -> None:
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None and payload["scheduler"] is not None:
         scheduler.load_state_dict(payload["scheduler"])
     regs.load_state_dict(payload["regularizers"])
-    from reglab.regularizers.early_stopping import EarlyStopping
-
-    state.best = EarlyStopping(
-        monitor="val/loss", patience=state.cfg["trainer"]["epochs"] + 1, check_finite=False
-    )
     state.best.load_state_dict(payload["best_tracker"])
     torch.set_rng_state(payload["rng_torch"])
     if payload["rng_cuda"] and torch.cuda.is_available():
@@ -90,10 +93,6 @@ def resume(resume_from, run_dir: Path, model, optimizer, scheduler, regs, state)
     state.epoch = payload["epoch"]
     state.train_time_s = payload["train_time_s"]
     state.wandb_id = payload["wandb_id"]
-    # a checkpoint from another directory brings its metrics along
-    state.history = truncate_metrics(path.parent / "metrics.jsonl", run_dir / "metrics.jsonl", state.epoch)
-    print(f"[reglab] resumed from {path} at epoch {state.epoch}")
-    return True
 
 
 def truncate_metrics(source: Path, target: Path, epochs: int) -> list[dict]:
@@ -118,7 +117,7 @@ def finished_summary(run_dir: Path) -> dict | None:
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    return summary if summary.get("status") in FINISHED else None
+    return summary if summary.get("status") in SKIPPED_ON_RESUME else None
 
 
 def clear_stale_files(run_dir: Path) -> None:

@@ -1,4 +1,9 @@
-"""The bridge from Hydra to the training loop: job facts, validation, and a clean exit on bad input."""
+"""The bridge from Hydra to the training loop: job facts, validation, and a clean exit on bad input.
+
+Bad input in a single run: one line on stderr, exit status 2, and the run directory (holding only Hydra's own
+files) removed. Inside a multirun the same line is recorded as the job's `failed` summary instead, so that one bad
+combination never stops the rest of the sweep; the sweep report lists it.
+"""
 
 from __future__ import annotations
 
@@ -10,41 +15,54 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from reglab.checkpoint import CheckpointError
-from reglab.data import DatasetUnavailable
-from reglab.errors import ConfigError
+from reglab.errors import BAD_INPUT, ConfigError
 from reglab.schema import validate
 
 PARALLEL_LAUNCHERS = ("joblib", "submitit", "ray")
 
 
 def main(cfg: DictConfig) -> float:
-    """Validate the config, then train; bad input exits non-zero with one line and leaves no run behind."""
+    """Validate the config (before torch is even imported), then train."""
     hydra = HydraConfig.get()
     run_dir = Path(hydra.runtime.output_dir)
-    job = job_facts(hydra)
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    from reglab.loop import Interrupted, train  # torch is imported here, after the cheap checks
-
+    multirun = hydra.mode == RunMode.MULTIRUN
     try:
+        plain = resolved(cfg)
         validate(plain)
-        return train(plain, run_dir, job)
-    except (ConfigError, DatasetUnavailable, CheckpointError) as err:
-        discard_unfinished_run(run_dir)
+        from reglab.loop import Interrupted, train  # torch and the rest load only for a config that can run
+
+        try:
+            return train(plain, run_dir, job_facts(hydra, multirun))
+        except Interrupted as stop:
+            resume = f"-m hydra.sweep.dir={hydra.sweep.dir}" if multirun else f"hydra.run.dir={run_dir}"
+            print(
+                f"[reglab] {stop}: checkpoint written; continue with the same overrides plus "
+                f"trainer.resume=true {resume}"
+            )
+            raise SystemExit(128 + signal.Signals[str(stop)].value) from None
+    except BAD_INPUT as err:
         print(f"reglab: error: {err}", file=sys.stderr)
+        if multirun:
+            record_bad_input(run_dir, err, list(hydra.overrides.task))
+            return float("nan")
+        discard_unfinished_run(run_dir)
         raise SystemExit(2) from None
-    except Interrupted as stop:
-        print(
-            f"[reglab] {stop}: checkpoint written; continue with trainer.resume=true hydra.run.dir={run_dir}"
-        )
-        raise SystemExit(128 + signal.Signals[str(stop)].value) from None
 
 
-def job_facts(hydra):
+def resolved(cfg: DictConfig) -> dict:
+    """The config as plain containers; a broken interpolation becomes a ConfigError like any other bad value."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError(key, getattr(err, "value", None), str(err).splitlines()[0]) from None
+
+
+def job_facts(hydra, multirun: bool):
     from reglab.loop import Job
 
-    multirun = hydra.mode == RunMode.MULTIRUN
     launcher = str(hydra.launcher.get("_target_", ""))
     return Job(
         overrides=list(hydra.overrides.task),
@@ -52,6 +70,19 @@ def job_facts(hydra):
         multirun=multirun,
         parallel=any(name in launcher for name in PARALLEL_LAUNCHERS),
     )
+
+
+def record_bad_input(run_dir: Path, err: Exception, overrides: list[str]) -> None:
+    from reglab.tracking import write_json_atomic
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "status": "failed",
+        "error": f"{type(err).__name__}: {err}",
+        "epochs_run": 0,
+        "overrides": overrides,
+    }
+    write_json_atomic(run_dir / "summary.json", summary)
 
 
 def discard_unfinished_run(run_dir: Path) -> None:

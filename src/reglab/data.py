@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reglab.errors import ConfigError
+from reglab.errors import ConfigError, DatasetUnavailable
 
 DATASETS = ("mnist1d", "digits", "mnist", "fashion_mnist", "cifar10")
 TORCHVISION_SETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
@@ -75,6 +75,12 @@ def load_dataset(cfg) -> DataSplits:
             raise ConfigError("dataset.n_train", cfg.n_train, f"at most {len(train_idx)} for {cfg.name}")
         train_idx = train_idx[: cfg.n_train]
     y_train = _with_label_noise(y[train_idx], cfg.label_noise, num_classes, rng)
+    if cfg.name in TORCHVISION_SETS:  # standardize each channel with the training split's statistics only
+        mean, std = (
+            x[train_idx].mean(axis=(0, 2, 3), keepdims=True),
+            x[train_idx].std(axis=(0, 2, 3), keepdims=True),
+        )
+        x, x_test = (x - mean) / std, (x_test - mean) / std
     return DataSplits(
         name=cfg.name,
         x_train=torch.as_tensor(x[train_idx], dtype=torch.float32),
@@ -175,12 +181,6 @@ def _digits_arrays(test_fraction: float, seed: int):
 # ---------------------------------------------------------------------------------------------------------------------
 # torchvision sets: read (or downloaded) into `root` in torchvision's own on-disk format, then kept in memory.
 
-EXPECTED_FILES = {
-    "mnist": "MNIST/raw/train-images-idx3-ubyte (and the other three IDX files)",
-    "fashion_mnist": "FashionMNIST/raw/train-images-idx3-ubyte (and the other three IDX files)",
-    "cifar10": "cifar-10-batches-py/data_batch_1..5 and test_batch",
-}
-
 
 def _torchvision_arrays(name: str, root: Path, download: bool):
     from torchvision import datasets
@@ -191,12 +191,7 @@ def _torchvision_arrays(name: str, root: Path, download: bool):
         test = cls(root=str(root), train=False, download=download)
     except Exception as err:  # torchvision raises RuntimeError, URLError, OSError... depending on what failed
         raise DatasetUnavailable(name, root, download, err) from err
-    (x, y), (x_test, y_test) = _torchvision_tensors(train), _torchvision_tensors(test)
-    mean, std = (
-        x.mean(axis=(0, 2, 3), keepdims=True),
-        x.std(axis=(0, 2, 3), keepdims=True),
-    )  # per channel, train set
-    return (x - mean) / std, y, (x_test - mean) / std, y_test
+    return (*_torchvision_tensors(train), *_torchvision_tensors(test))
 
 
 def _torchvision_tensors(ds) -> tuple[np.ndarray, np.ndarray]:
@@ -204,15 +199,3 @@ def _torchvision_tensors(ds) -> tuple[np.ndarray, np.ndarray]:
     x = data.astype(np.float32) / 255.0
     x = x[:, None, :, :] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # grey (N,H,W) or colour (N,H,W,C)
     return x, np.asarray(ds.targets, dtype=np.int64)
-
-
-class DatasetUnavailable(RuntimeError):
-    """The files of a torchvision data set are missing and could not be downloaded."""
-
-    def __init__(self, name: str, root: Path, download: bool, cause: Exception):
-        where = root.resolve() / EXPECTED_FILES[name]
-        how = "the download failed" if download else "dataset.download=false"
-        super().__init__(
-            f"dataset={name}: files not found and {how} ({type(cause).__name__}: {cause}). "
-            f"Put the files at {where}, or set dataset.root to the folder that holds them."
-        )

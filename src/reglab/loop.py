@@ -27,13 +27,12 @@ from torch import Tensor, nn
 
 from reglab import checkpoint, diagnostics
 from reglab.data import DataSplits, load_dataset, shift_and_flip
-from reglab.errors import ConfigError
+from reglab.errors import BAD_INPUT, FINISHED
 from reglab.models import build_model
 from reglab.regularizers import Regularization, build_regularization
 from reglab.regularizers.early_stopping import EarlyStopping
-from reglab.tracking import RunRecord, start_wandb
+from reglab.tracking import RunRecord, start_wandb, write_summary
 
-FINISHED = ("completed", "early_stopped")
 FIT_ACCURACY = 0.99  # `fit_epoch`: the first epoch with this training accuracy (how fast a model memorizes)
 
 
@@ -57,61 +56,81 @@ class Interrupted(Exception):
 
 def train(cfg: dict, run_dir: Path, job: Job) -> float:
     """Train one configuration in `run_dir`; returns the evaluated model's val/loss (NaN when the run failed)."""
-    started = time.perf_counter()
-    run_dir = Path(run_dir)
-    finished = checkpoint.finished_summary(run_dir) if cfg["trainer"]["resume"] else None
-    if finished is not None:
-        print(f"[reglab] {run_dir} already finished ({finished['status']}): skipped")
-        return finished.get("val/loss") or math.nan
-
-    device = setup_process(cfg["trainer"])
-    data = load_dataset(_Node(cfg["dataset"])).to(
-        device, keep_train_on_host=cfg["trainer"]["loader"] == "dataloader"
-    )
-    regs = build_regularization(cfg["regularizer"])
-    model = build_model(_Node(cfg["model"]), data.input_shape, data.num_classes, regs.dropout_plan()).to(
-        device
-    )
-    regs.setup(model)
-    optimizer = build_optimizer(cfg["optimizer"], model, regs, cfg["trainer"]["fused_optimizer"], device)
-    scheduler = build_scheduler(cfg["trainer"], optimizer)
-
-    state = TrainState(cfg=cfg, run_dir=run_dir, job=job, device=device, started=started)
-    if cfg["trainer"]["resume"]:
-        checkpoint.resume(cfg["trainer"]["resume"], run_dir, model, optimizer, scheduler, regs, state)
-    else:
-        checkpoint.clear_stale_files(run_dir)
-    wandb_run = start_wandb(
-        cfg["logger"],
-        run_dir=run_dir,
-        name=run_name(job.overrides),
-        group=job.group,
-        job_type="+".join(regs.names) or "none",  # W&B filters and colours runs by technique
-        config=cfg,
-        tags=regs.names or ["none"],
-        resume_id=state.wandb_id,
-    )
-    state.wandb_id = getattr(wandb_run, "id", None)
-    record = RunRecord(run_dir, wandb_run)
+    state = TrainState(cfg=cfg, run_dir=Path(run_dir), job=job)
+    if cfg["trainer"]["resume"] and (done := checkpoint.finished_summary(state.run_dir)):
+        print(f"[reglab] {state.run_dir} already finished ({done['status']}): skipped")
+        return objective(done)
+    record = None
     try:
+        model, data, optimizer, scheduler, regs = prepare(state)
+        record = RunRecord(state.run_dir, start_wandb_for(state, regs), log_images=log_plots(cfg))
         with stop_on_signals(state):
             fit(model, data, optimizer, scheduler, regs, state, record)
-        summary = finish(model, data, regs, state, record)
-    except Interrupted:
-        record.finish(failed=True)
-        raise
+        return objective(finish(model, data, regs, state, record))
+    except (*BAD_INPUT, Interrupted):
+        raise  # bad input is the entrypoint's to report; an interrupted run has its checkpoint
     except Exception as err:
+        state.status = "failed"
         summary = failure_summary(state, err)
-        record.write_summary(summary)
-        record.finish(failed=True)
+        write_summary(state.run_dir, summary, getattr(record, "wandb_run", None))
         if should_raise(cfg["trainer"]["on_error"], job):
             raise
         print(
-            f"[reglab] job failed: {summary['error']} (recorded in {run_dir / 'summary.json'}; the sweep goes on)"
+            f"[reglab] job failed: {summary['error']} (recorded in {state.run_dir / 'summary.json'}; "
+            "the sweep goes on)"
         )
         return math.nan
-    record.finish(failed=summary["status"] not in FINISHED)
-    return summary["val/loss"] if summary["val/loss"] is not None else math.nan
+    finally:
+        if record is not None:  # also after a second Ctrl-C: W&B runs are always finished
+            record.finish(failed=state.status not in FINISHED)
+
+
+def prepare(state: TrainState):
+    """Process settings, data, regularizers, model, optimizer and scheduler; restored from a checkpoint on resume."""
+    cfg = state.cfg
+    state.device = setup_process(cfg["trainer"])
+    host_train = cfg["trainer"]["loader"] == "dataloader"
+    data = load_dataset(_Node(cfg["dataset"])).to(state.device, keep_train_on_host=host_train)
+    regs = build_regularization(cfg["regularizer"])
+    plan = regs.dropout_plan()
+    model = build_model(_Node(cfg["model"]), data.input_shape, data.num_classes, plan).to(state.device)
+    regs.setup(model)
+    optimizer = build_optimizer(
+        cfg["optimizer"], model, regs, cfg["trainer"]["fused_optimizer"], state.device
+    )
+    scheduler = build_scheduler(cfg["trainer"], optimizer)
+    state.best = EarlyStopping(monitor="val/loss", patience=cfg["trainer"]["epochs"] + 1, check_finite=False)
+    state.batch_generator.manual_seed(cfg["trainer"]["seed"])  # the batch order; a resume restores its state
+    if cfg["trainer"]["resume"]:
+        checkpoint.resume(cfg["trainer"]["resume"], state.run_dir, model, optimizer, scheduler, regs, state)
+    else:
+        checkpoint.clear_stale_files(state.run_dir)
+    return model, data, optimizer, scheduler, regs
+
+
+def start_wandb_for(state: TrainState, regs: Regularization):
+    run = start_wandb(
+        state.cfg["logger"],
+        run_dir=state.run_dir,
+        name=run_name(state.job.overrides),
+        group=state.job.group,
+        job_type="+".join(regs.names) or "none",  # W&B filters and colours runs by technique
+        config=flatten(state.cfg, ""),  # dotted keys: the same names W&B sweeps set, so they never collide
+        tags=regs.names or ["none"],
+        resume_id=state.wandb_id,
+    )
+    state.wandb_id = getattr(run, "id", None)
+    return run
+
+
+def log_plots(cfg: dict) -> bool:
+    return cfg["logger"]["name"] == "wandb" and cfg["logger"]["wandb"]["log_plots"]
+
+
+def objective(summary: dict) -> float:
+    """What sweepers minimize: validation cross-entropy of the evaluated model (the same scale for every technique)."""
+    value = summary.get("val/loss")
+    return math.nan if value is None else value
 
 
 @dataclass
@@ -121,7 +140,7 @@ class TrainState:
     cfg: dict
     run_dir: Path
     job: Job
-    device: torch.device
+    device: torch.device = torch.device("cpu")
     epoch: int = 0  # epochs completed
     history: list[dict] = field(default_factory=list)
     status: str = "running"
@@ -184,23 +203,21 @@ def fit(
     model, data: DataSplits, optimizer, scheduler, regs: Regularization, state: TrainState, record: RunRecord
 ):
     trainer = state.cfg["trainer"]
-    if state.best is None:
-        state.best = EarlyStopping(monitor="val/loss", patience=trainer["epochs"] + 1, check_finite=False)
-        state.batch_generator.manual_seed(trainer["seed"])
     progress = Progress(trainer["progress"], trainer["epochs"], state.job.parallel)
     precision = autocast(trainer["precision"], state.device)
-    network = torch.compile(model) if trainer["compile"] else model  # same parameters; compiled forward
+    network = compiled(model) if trainer["compile"] else model  # same parameters; compiled forward
     while state.epoch < trainer["epochs"]:
         epoch = state.epoch + 1
         started = time.perf_counter()
         batches = shuffled_batches(
             data, trainer, state.cfg["dataset"]["augment"], state.batch_generator, state.device
         )
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
         losses = train_one_epoch(network, batches, optimizer, regs, precision)
         if scheduler is not None:
             scheduler.step()
         state.train_time_s += time.perf_counter() - started
-        metrics = epoch_metrics(network, data, regs, losses, optimizer, trainer["eval_batch_size"], epoch)
+        metrics = epoch_metrics(network, data, regs, losses, lr, trainer["eval_batch_size"], epoch)
         metrics["time_s"] = round(time.perf_counter() - state.started, 4)
         state.history.append(metrics)
         record.log_epoch(metrics)
@@ -271,11 +288,11 @@ def train_one_epoch(model, batches, optimizer, regs: Regularization, precision):
     return mean_data_loss, torch.stack(penalties).mean() if penalties else torch.zeros_like(mean_data_loss)
 
 
-def epoch_metrics(model, data: DataSplits, regs, losses, optimizer, eval_batch_size: int, epoch: int) -> dict:
+def epoch_metrics(model, data: DataSplits, regs, losses, lr: float, eval_batch_size: int, epoch: int) -> dict:
     """Train and validation metrics from one eval-mode pass each (train in eval mode: dropout would distort it)."""
     data_loss, penalty = losses
-    train = evaluate(model, data.x_train, data.y_train, regs, eval_batch_size)
-    val = evaluate(model, data.x_val, data.y_val, regs, eval_batch_size)
+    train = evaluate(model, data.x_train, data.y_train, eval_batch_size)
+    val = evaluate(model, data.x_val, data.y_val, eval_batch_size)
     values = {
         "loss/data": data_loss,
         "loss/penalty": penalty,
@@ -293,7 +310,7 @@ def epoch_metrics(model, data: DataSplits, regs, losses, optimizer, eval_batch_s
         "gap/loss": numbers["val/loss"] - numbers["train/loss"],
         "gap/acc": numbers["train/acc"] - numbers["val/acc"],
         **diagnostics.weight_statistics(model),
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": lr,
     }
 
 
@@ -303,14 +320,17 @@ def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     return torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
 
 
-def evaluate(model, x: Tensor, y: Tensor, regs: Regularization, batch_size: int) -> dict[str, Tensor]:
-    """loss (the training objective's data loss), nll, acc, ece, confidence: 0-d tensors, no host sync."""
-    return scores(predict(model, x, batch_size), y, regs)
+def evaluate(model, x: Tensor, y: Tensor, batch_size: int) -> dict[str, Tensor]:
+    """loss (= nll), acc, ece, confidence: 0-d tensors, no host sync."""
+    return scores(predict(model, x, batch_size), y)
 
 
 @torch.inference_mode()
-def scores(logits: Tensor, y: Tensor, regs: Regularization) -> dict[str, Tensor]:
-    return {"loss": regs.data_loss(logits, y), **diagnostics.prediction_metrics(logits, y)}
+def scores(logits: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """loss = nll = plain cross-entropy, whatever the training objective: comparable across techniques (the
+    training objective itself, e.g. smoothed cross-entropy, is logged as loss/data)."""
+    metrics = diagnostics.prediction_metrics(logits, y)
+    return {"loss": metrics["nll"], **metrics}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -320,22 +340,24 @@ def scores(logits: Tensor, y: Tensor, regs: Regularization) -> dict[str, Tensor]
 def finish(model, data: DataSplits, regs: Regularization, state: TrainState, record: RunRecord) -> dict:
     cfg, run_dir = state.cfg, state.run_dir
     batch = cfg["trainer"]["eval_batch_size"]
+    last_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # before any restore
     last_model_test = {}
     if (
         regs.get("early_stopping") is not None
-    ):  # the model as training left it, before early stopping restores
+    ):  # the model as training left it, to compare with the restored one
         last_model_test = {
-            f"test/last_{k}": v for k, v in as_floats(evaluate(model, *data.test, regs, batch)).items()
+            f"test/last_{k}": v for k, v in as_floats(evaluate(model, *data.test, batch)).items()
         }
     regs.end_training(model)  # early stopping restores its best weights here, whatever ended training
     logits = {split: predict(model, x, batch) for split, (x, _) in data.splits().items()}
-    final = {split: as_floats(scores(logits[split], y, regs)) for split, (_, y) in data.splits().items()}
+    final = {split: as_floats(scores(logits[split], y)) for split, (_, y) in data.splits().items()}
     summary = build_summary(state, regs, final, diagnostics.weight_statistics(model))
     summary.update(last_model_test)
     summary.update(temperature_scaling(logits["val"], data.y_val, logits["test"], data.y_test))
     summary.update(mc_dropout_metrics(model, data, regs))
     if cfg["trainer"]["save_weights"]:
-        save_weights(run_dir, model, state.best)
+        stopper = regs.get("early_stopping")  # best.pt holds the weights of `best_epoch`, by the same monitor
+        save_weights(run_dir, last_weights, stopper.stopper if stopper is not None else state.best)
     plots = write_plots(model, logits["test"], data.y_test, state, summary) if cfg["trainer"]["plots"] else []
     record.write_summary(summary)
     record.log_images(plots)
@@ -403,11 +425,25 @@ def job_facts(state: TrainState, regs: Regularization | None) -> dict:
     }
 
 
+SUMMARY_METRICS = [f"{split}/{m}" for split in ("train", "val", "test") for m in ("loss", "acc")] + [
+    "gap/acc",
+    "gap/loss",
+    "best_epoch",
+    "overfit_onset_epoch",
+    "test/nll",
+    "test/ece",
+    "test/confidence",
+]
+
+
 def failure_summary(state: TrainState, err: Exception) -> dict:
+    """A failed job's summary: the error, and the usual keys as null so that readers need no special case."""
     return {
         "status": "failed",
         "error": f"{type(err).__name__}: {err}",
+        "stop_reason": None,
         "epochs_run": state.epoch,
+        **dict.fromkeys(SUMMARY_METRICS),
         **job_facts(state, None),
         "wall_time_s": round(time.perf_counter() - state.started, 4),
     }
@@ -425,9 +461,11 @@ def mc_dropout_metrics(model, data: DataSplits, regs: Regularization) -> dict:
     return {f"test/mc_{k}": v for k, v in as_floats({**stats, "entropy": entropy.mean()}).items()}
 
 
-def save_weights(run_dir: Path, model: nn.Module, best: EarlyStopping) -> None:
-    torch.save(model.state_dict(), run_dir / "last.pt")
-    torch.save(best.best_state if best.best_state is not None else model.state_dict(), run_dir / "best.pt")
+def save_weights(run_dir: Path, last_weights: dict, best: EarlyStopping) -> None:
+    """last.pt: the weights training ended with; best.pt: those of the best epoch (lowest val/loss, or early
+    stopping's monitor when it is on)."""
+    torch.save(last_weights, run_dir / "last.pt")
+    torch.save(best.best_state if best.best_state is not None else last_weights, run_dir / "best.pt")
 
 
 def write_plots(model, test_logits: Tensor, test_y: Tensor, state: TrainState, summary: dict) -> list[Path]:
@@ -474,10 +512,11 @@ def flatten(node: dict, prefix: str) -> dict:
     """{'l2': {'weight_decay': 0.1}} -> {'regularizer.l2.weight_decay': 0.1}"""
     flat = {}
     for key, value in node.items():
+        name = f"{prefix}.{key}" if prefix else key
         if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}.{key}"))
+            flat.update(flatten(value, name))
         else:
-            flat[f"{prefix}.{key}"] = value
+            flat[name] = value
     return flat
 
 
@@ -499,6 +538,12 @@ def should_raise(on_error: str, job: Job) -> bool:
 def _stop_reason(regs: Regularization) -> str | None:
     stopper = regs.get("early_stopping")
     return stopper.stopper.stop_reason if stopper is not None else None
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    # dynamo's caches are per process: reset them so that jobs of one sweep never share (or exhaust) them
+    torch._dynamo.reset()
+    return torch.compile(model)
 
 
 def autocast(precision: str, device: torch.device):
@@ -549,6 +594,3 @@ class Progress:
     def close(self) -> None:
         if self.mode == "bar":
             print()
-
-
-__all__ = ["Job", "Interrupted", "train", "ConfigError"]

@@ -35,9 +35,11 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from reglab.errors import FINISHED
+
 log = logging.getLogger(__name__)
 
-OK_STATUSES = ("completed", "early_stopped")  # the jobs whose numbers enter the means
+OK_STATUSES = FINISHED  # the jobs whose numbers enter the means
 SEED_KEY = "trainer.seed"
 STRENGTH_KEYS = {  # the parameter that sets how strongly each technique regularizes: the x axis of its plot
     "l2": "weight_decay",

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from reglab.errors import FINISHED
+
 ROOT = Path(__file__).resolve().parents[2]
-FINISHED = ("completed", "early_stopped")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -387,22 +388,17 @@ def run_preset(preset: str, sweeps_root: Path, extra: list[str]) -> tuple[Path, 
 
 
 def machine_facts() -> str:
-    import torch
-
-    cpu = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else ""
-    )
+    """CPU model, cores and versions, recorded beside the numbers."""
     import os
 
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+        platform.processor(),
+    )
     return (
         f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, torch {torch.__version__}; "
         f"{date.today().isoformat()}"

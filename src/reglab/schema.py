@@ -225,7 +225,45 @@ def validate(cfg: Mapping) -> None:
         if group not in cfg:
             raise ConfigError(group, None, "a config group; it is missing from the config")
         _check_node(cfg[group], spec, group)
+    _check_required(cfg)
     _check_cross_keys(cfg)
+
+
+# Keys every config must carry; the rest depend on the option (e.g. only CNNs have `channels`).
+REQUIRED = {
+    "dataset": (*DATA_COMMON, "augment"),
+    "model": ("name", "hidden", "activation"),
+    "optimizer": ("name", "lr"),
+    "trainer": tuple(SCHEMA["trainer"]),
+    "logger": ("name",),
+}
+REQUIRED_BY_OPTION = {
+    ("model", "cnn1d"): ("channels", "kernel_size"),
+    ("model", "cnn"): ("channels", "kernel_size"),
+    ("optimizer", "sgd"): ("momentum", "nesterov"),
+    ("optimizer", "adam"): ("betas", "eps"),
+    ("optimizer", "adamw"): ("betas", "eps"),
+    ("dataset", "digits"): ("test_fraction",),
+    **{("dataset", name): ("download",) for name in ("mnist", "fashion_mnist", "cifar10")},
+}
+
+
+def _check_required(cfg: Mapping) -> None:
+    """A key a preset or a `+group.key=...` override left out would otherwise fail deep inside training."""
+    nodes = [(group, cfg[group], keys) for group, keys in REQUIRED.items()]
+    nodes += [
+        (f"{g}", cfg[g], keys) for (g, option), keys in REQUIRED_BY_OPTION.items() if cfg[g]["name"] == option
+    ]
+    nodes += [
+        (f"regularizer.{name}", node, tuple(SCHEMA["regularizer"][name]))
+        for name, node in cfg["regularizer"].items()
+    ]
+    if cfg["logger"]["name"] == "wandb":
+        nodes.append(("logger.wandb", cfg["logger"].get("wandb") or {}, tuple(SCHEMA["logger"]["wandb"])))
+    for path, node, keys in nodes:
+        missing = [key for key in keys if key not in node]
+        if missing:
+            raise ConfigError(f"{path}.{missing[0]}", None, f"a value: {path} must set {', '.join(missing)}")
 
 
 def _check_node(node, spec: Mapping, path: str) -> None:
@@ -255,12 +293,12 @@ def _check_cross_keys(cfg: Mapping) -> None:
             "torch",
             "scratch when mode=decoupled with optimizer=sgd (torch has no decoupled SGD)",
         )
-    if l2 and l2["impl"] == "torch" and l2["mode"] == "coupled" and opt["name"] == "adamw":
+    if l2 and l2["mode"] == "coupled" and opt["name"] == "adamw":
         raise ConfigError(
             "regularizer.l2.mode",
             "coupled",
-            "decoupled or penalty with optimizer=adamw (AdamW's built-in weight_decay is decoupled), "
-            "or use optimizer=adam",
+            "decoupled or penalty with optimizer=adamw (AdamW's weight decay is decoupled by definition); "
+            "for L2 in the gradient of Adam use optimizer=adam",
         )
     smoothing = reg.get("label_smoothing")
     if smoothing and smoothing["impl"] == "torch" and smoothing["variant"] != "uniform":

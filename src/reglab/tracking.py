@@ -17,13 +17,36 @@ from pathlib import Path
 import torch
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write then rename: a crash mid-write never leaves a truncated file behind."""
+def write_atomic(path: Path, write) -> None:
+    """Write to a temporary file, flush it to disk, then rename over `path`: a crash mid-write never leaves a
+    truncated file, and the previous version (a checkpoint, a summary) survives any failure."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_atomic(path, lambda f: f.write(json.dumps(data, indent=2, default=_json_default).encode()))
+
+
+def write_summary(run_dir: Path, summary: dict, wandb_run=None) -> None:
+    """summary.json (NaN/inf stored as null, as JSON has neither), mirrored into the W&B run summary."""
+    write_json_atomic(Path(run_dir) / "summary.json", {k: _finite_or_none(v) for k, v in summary.items()})
+    if wandb_run is not None:
+        try:
+            wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
+        except (
+            Exception
+        ) as err:  # W&B may already be broken when a job fails; the file on disk is what counts
+            print(f"[reglab] W&B summary update failed: {type(err).__name__}: {err}")
 
 
 def _json_default(value):
@@ -42,9 +65,10 @@ def _finite_or_none(value):
 class RunRecord:
     """Appends per-epoch metrics to metrics.jsonl (and W&B), writes summary.json at the end."""
 
-    def __init__(self, run_dir: Path, wandb_run=None):
+    def __init__(self, run_dir: Path, wandb_run=None, log_images: bool = True):
         self.run_dir = Path(run_dir)
         self.wandb_run = wandb_run
+        self.upload_images = log_images
         self._metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in finish)
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
@@ -55,12 +79,10 @@ class RunRecord:
             self.wandb_run.log(metrics)
 
     def write_summary(self, summary: dict) -> None:
-        write_json_atomic(self.run_dir / "summary.json", {k: _finite_or_none(v) for k, v in summary.items()})
-        if self.wandb_run is not None:
-            self.wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
+        write_summary(self.run_dir, summary, self.wandb_run)
 
     def log_images(self, paths: list[Path]) -> None:
-        if self.wandb_run is None or not paths:
+        if self.wandb_run is None or not paths or not self.upload_images:
             return
         import wandb
 
@@ -108,6 +130,9 @@ def start_wandb(logger_cfg, *, run_dir, name, group, job_type, config, tags, res
     mode = resolve_wandb_mode(wcfg["mode"])
     if mode == "disabled":
         return None
+    if mode == "online" and not has_wandb_credentials():
+        print("[reglab] W&B online was asked for but no credentials are set (wandb login): logging offline")
+        mode = "offline"  # never a login prompt
     try:
         import wandb
     except ImportError:

@@ -22,8 +22,9 @@ Semantics follow Keras 3 ``keras.callbacks.EarlyStopping`` where Keras and Light
   the previous best, so a model that keeps creeping up without reaching the baseline is never stopped, despite
   its docstring; here such epochs count towards patience. Keras also never stops at epoch 0 (an ``epoch > 0``
   guard); we have no such guard.
-- ``start_from_epoch`` (Keras): epochs with ``epoch < start_from_epoch`` are not monitored at all (warm-up):
-  they neither set the best score nor count towards patience. The non-finite check still runs during
+- ``start_from_epoch`` (Keras): the first ``start_from_epoch`` calls to ``step`` are not monitored at all
+  (warm-up), counted by the object itself so that it does not matter whether the caller numbers epochs from 0
+  (Keras) or from 1 (reglab's loop): both skip the same number of epochs. Warm-up epochs neither set the best score nor count towards patience. The non-finite check still runs during
   warm-up, because a NaN loss never recovers.
 - ``check_finite`` (Lightning; Keras has a separate TerminateOnNaN callback): a NaN or ±inf score stops at
   once. ``stopping_threshold`` (Lightning): stop as soon as the score is at least as good as it (Lightning
@@ -102,6 +103,7 @@ class EarlyStopping:
         self.best_score: float | None = None
         self.best_epoch: int | None = None
         self.wait = 0  # monitored epochs since the last epoch that improved (and beat the baseline)
+        self.steps = 0  # calls to step(), for the warm-up
         self.stopped_epoch: int | None = None
         self.stop_reason: str | None = None
         self.best_state: dict[str, Tensor] | None = None
@@ -140,7 +142,8 @@ class EarlyStopping:
         value = float(value)
         if self.check_finite and not math.isfinite(value):
             return self._stop(epoch, f"non-finite {self.monitor}={value} at epoch {epoch}")
-        if epoch < self.start_from_epoch:
+        self.steps += 1
+        if self.steps <= self.start_from_epoch:
             return False
         if self._is_improvement(value, self.best_score):
             self._record_best(value, epoch, model)
@@ -188,6 +191,7 @@ class EarlyStopping:
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
             "wait": self.wait,
+            "steps": self.steps,
             "stopped_epoch": self.stopped_epoch,
             "stop_reason": self.stop_reason,
             "best_state": None if self.best_state is None else dict(self.best_state),
@@ -203,6 +207,7 @@ class EarlyStopping:
         self.best_score = state["best_score"]
         self.best_epoch = state["best_epoch"]
         self.wait = state["wait"]
+        self.steps = state["steps"]
         self.stopped_epoch = state["stopped_epoch"]
         self.stop_reason = state["stop_reason"]
         self.best_state = state["best_state"]

@@ -90,7 +90,7 @@ def fit_temperature(logits: Tensor, targets: Tensor, max_iter: int = 100) -> flo
     """
     logits = logits.detach().double()
     targets = targets.detach()
-    log_temperature = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    log_temperature = torch.zeros((), dtype=torch.float64, device=logits.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_temperature], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
