@@ -8,7 +8,7 @@ ARGS ?=
 DIR ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep report test test-fast lint format bench reproduce wandb-sync clean
+.PHONY: help install train sweep report test test-fast lint format bench reproduce figures wandb-sync clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,8 +26,10 @@ install: $(STAMP) ## create .venv and install reglab with its dev extra
 train: $(STAMP) ## run the default experiment (MLP on MNIST-1D); extra overrides via ARGS='...'
 	$(PY) train.py $(ARGS)
 
+SWEEP := regularizer=none,l1,l2,dropout,early_stopping,label_smoothing trainer.seed=0,1,2
+
 sweep: $(STAMP) ## every regularizer at its default strength vs none, 3 seeds, then the comparison report
-	$(PY) train.py -m hydra/launcher=joblib regularizer=none,l1,l2,dropout,early_stopping,label_smoothing trainer.seed=0,1,2 $(ARGS)
+	$(PY) train.py -m hydra/launcher=joblib $(SWEEP) $(ARGS)
 
 report: $(STAMP) ## comparison report of a multirun directory: make report DIR=outputs/multiruns/...
 	@test -n "$(DIR)" || { echo "usage: make report DIR=<multirun directory>"; exit 2; }
@@ -52,6 +54,15 @@ bench: $(STAMP) ## speed and memory benchmark; writes docs/performance.md
 
 reproduce: $(STAMP) ## run every experiment preset (3 seeds each) and write docs/results.md (~20 min)
 	$(PY) -m reglab.reproduce $(ARGS)
+
+figures: $(STAMP) ## remake the README's example figures in docs/figures (a default run and make sweep, ~2 min)
+	rm -rf outputs/example outputs/multiruns/headline
+	$(PY) train.py logger=none hydra.run.dir=outputs/example
+	$(PY) train.py -m hydra/launcher=joblib $(SWEEP) logger=none hydra.sweep.dir=outputs/multiruns/headline
+	mkdir -p docs/figures
+	cp outputs/example/curves.png outputs/example/reliability.png docs/figures/
+	cp outputs/multiruns/headline/report.md docs/figures/headline_report.md
+	cp outputs/multiruns/headline/report_val_loss.png outputs/multiruns/headline/report_strength.png docs/figures/ 2>/dev/null || true
 
 wandb-sync: $(STAMP) ## upload every offline W&B run under outputs/ (needs `wandb login` first)
 	@runs=$$(find outputs -type d -name 'offline-run-*' 2>/dev/null); \

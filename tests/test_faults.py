@@ -14,6 +14,8 @@ import torch
 from reglab import checkpoint
 from tests.conftest import ROOT, TINY, job_dirs, read_metrics, read_summary, run_train
 
+pytestmark = pytest.mark.slow  # subprocess runs, signals and sweeps: `make test-fast` skips them
+
 QUICK = ["logger=none", "trainer.plots=false", "trainer.save_weights=false"]
 
 

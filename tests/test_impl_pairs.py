@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import job_dirs, read_metrics, read_summary, run_train
 
+pytestmark = pytest.mark.slow  # whole training runs through train.py: `make test-fast` skips them
+
 QUICK = [
     "logger=none",
     "trainer.plots=false",
