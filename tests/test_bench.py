@@ -24,9 +24,11 @@ EXPECTED_ROWS = [
     ("1", "hand-written loop (A) vs reglab default (B)", "test accuracy"),
     ("1", "flush_denormal=false (A) vs true, the default (B)", "training time: epochs 2..E"),
     ("1", "flush_denormal=false (A) vs true, the default (B)", "whole process, start to exit"),
+    ("1", "flush_denormal=false (A) vs true, the default (B)", "training steps only"),
     ("1", "flush_denormal=false (A) vs true, the default (B)", "test accuracy"),
     ("1", "fused_optimizer=false (A) vs true, the default (B)", "training time: epochs 2..E"),
     ("1", "fused_optimizer=false (A) vs true, the default (B)", "whole process, start to exit"),
+    ("1", "fused_optimizer=false (A) vs true, the default (B)", "training steps only"),
     ("1", "fused_optimizer=false (A) vs true, the default (B)", "test accuracy"),
     ("2", "hand-written loop (A) vs reglab + W&B offline", "whole process, start to exit"),
     ("3", "nn.Dropout (A) vs reglab Dropout (dropout) (B)", "(100, 100)"),
@@ -37,7 +39,7 @@ EXPECTED_ROWS = [
     ("4", "2-job grid", "whole sweep, start to exit"),
     ("5", "hand-written loop (A) vs reglab default (B)", "peak resident memory"),
     ("5", "`python -c 'import torch'` alone", "peak resident memory"),
-    ("6", "the same training through a Lightning Trainer", "skipped"),
+    ("6", "the same training through a Lightning Trainer", "not run"),
 ]
 
 

@@ -7,6 +7,8 @@ combination never stops the rest of the sweep; the sweep report lists it.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import shutil
 import signal
 import sys
@@ -22,6 +24,10 @@ from reglab.schema import validate
 
 PARALLEL_LAUNCHERS = ("joblib", "submitit", "ray")
 
+# At exit, freeze what was created since (torch._dynamo loads with the first optimizer) so that interpreter
+# teardown does not walk it all; registered at import, so it runs after the exit handlers of W&B (imported later).
+atexit.register(gc.freeze)
+
 
 def main(cfg: DictConfig) -> float:
     """Validate the config (before torch is even imported), then train."""
@@ -33,6 +39,9 @@ def main(cfg: DictConfig) -> float:
         validate(plain)
         from reglab.loop import Interrupted, train  # torch and the rest load only for a config that can run
 
+        # torch's import leaves ~10^5 long-lived objects that every full garbage collection would walk again,
+        # during training and once more at exit (~0.7 s measured): move them out of the collector's sight.
+        gc.freeze()
         try:
             return train(plain, run_dir, job_facts(hydra, multirun))
         except Interrupted as stop:
