@@ -6,6 +6,7 @@ Timings are never asserted: on a shared machine they are noise; the benchmark it
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -108,3 +109,32 @@ def test_ratio_rows_judge_the_median_ratio():
     assert passed.result == "PASS" and passed.ratio.startswith("0.64x")
     assert failed.result == "FAIL"
     assert bench.ratio_row("1", "A vs B", "time", [1.0], [2.0], "s").result == "info"
+
+
+def test_the_gpu_check_script_runs_on_the_cpu(tmp_path):
+    """The prepared GPU check must work the day a GPU is lent: run two of its cases on the CPU."""
+    out = tmp_path / "rows.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+            "--cases",
+            "mlp fp32,mlp bf16",
+            "--json",
+            str(out),
+            "--data-root",
+            str(tmp_path / "data"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())
+    assert [r["case"] for r in rows] == ["mlp fp32", "mlp bf16"]
+    assert all(r["device"] == "cpu" and r["samples_per_s"] > 0 for r in rows)

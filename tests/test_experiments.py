@@ -18,7 +18,7 @@ GRID_SIZES = {  # jobs per preset: the product of its sweep values, seeds includ
     "weight_decay_coupling": 12,
     "dropout": 12,
     "dropout_variants": 24,
-    "l1_sparsity": 12,
+    "l1_sparsity": 24,
     "random_labels": 9,
     "early_stopping": 6,
     "small_data": 30,

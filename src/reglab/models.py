@@ -79,11 +79,22 @@ def dense_head(
 
 
 def conv_stack(
-    in_channels: int, channels: list[int], kernel_size: int, spatial_dims: int, activation, dropout
+    in_channels: int,
+    channels: list[int],
+    kernel_size: int | list[int],
+    spatial_dims: int,
+    activation,
+    dropout,
 ):
-    """1-D: strided convolutions (each halves the length). 2-D: conv -> activation -> 2x2 max-pool blocks."""
+    """1-D: strided convolutions (each halves the length). 2-D: conv -> activation -> 2x2 max-pool blocks.
+    `kernel_size` is one size for every layer or one per layer."""
+    sizes = kernel_size if isinstance(kernel_size, list) else [kernel_size] * len(channels)
+    if len(sizes) != len(channels):
+        raise ConfigError(
+            "model.kernel_size", kernel_size, f"one size, or one per layer ({len(channels)} layers)"
+        )
     layers: list[nn.Module] = [dropout.dense(dropout.input_p)]
-    for out_channels in channels:
+    for out_channels, kernel_size in zip(channels, sizes, strict=True):
         if spatial_dims == 1:
             layers += [
                 nn.Conv1d(in_channels, out_channels, kernel_size, stride=2, padding=kernel_size // 2),

@@ -102,10 +102,14 @@ def overfit_baseline(results):
 def cnn_baseline(results):
     cnn, mlp = results["cnn_baseline"], results.get("overfit_baseline", [])
     holds = mean(cnn, "test/acc") >= 0.90 and (not mlp or mean(cnn, "test/acc") > mean(mlp, "test/acc"))
+    regularized = select(results.get("dropout_conv", []), regularizer__dropout__conv_p=0.1)
     return Outcome(
-        f"CNN test {ms(cnn, 'test/acc')}% vs MLP {ms(mlp, 'test/acc')}%",
+        f"CNN test {ms(cnn, 'test/acc')}% (train {ms(cnn, 'train/acc')}%) vs MLP {ms(mlp, 'test/acc')}%",
         "CNN test >= 90%, far above the MLP",
         holds,
+        "the paper's CNN (25 channels, kernels 5-3-3, stride 2) trained on 3200 samples (paper: 4000), final model "
+        f"after 150 epochs. The CNN overfits too (gap {ms(cnn, 'gap/acc')} points); with dropout p=0.1 in its conv "
+        f"blocks (preset dropout_conv) it reaches {ms(regularized, 'test/acc')}%.",
     )
 
 
@@ -209,19 +213,16 @@ def dropout_variants(results):
 
 def l1_sparsity(results):
     runs, baseline = results["l1_sparsity"], results.get("overfit_baseline", [])
-    parts, holds = [], True
+    parts, holds, most_zeros = [], True, 0.0  # most exact zeros among proximal strengths costing <= 5 points
     for strength, prox, sub in by_strength_and_mode(runs, "l1", "strength", ("proximal", "subgradient")):
         parts.append(
             f"λ={strength:g}: proximal zeros {ms(prox, 'weights/zero_frac')}% test {ms(prox, 'test/acc')}%, "
             f"subgradient zeros {ms(sub, 'weights/zero_frac')}% test {ms(sub, 'test/acc')}%"
         )
         holds &= mean(sub, "weights/zero_frac") < 0.01
-    best_prox = max(
-        (select(runs, regularizer__l1__strength=s, regularizer__l1__mode="proximal") for s in (0.001, 0.01)),
-        key=lambda rows: mean(rows, "weights/zero_frac"),
-    )
-    cost = mean(baseline, "test/acc") - mean(best_prox, "test/acc") if baseline else 0.0
-    holds &= mean(best_prox, "weights/zero_frac") >= 0.3 and cost <= 0.05
+        if not baseline or mean(baseline, "test/acc") - mean(prox, "test/acc") <= 0.05:
+            most_zeros = max(most_zeros, mean(prox, "weights/zero_frac"))
+    holds &= most_zeros >= 0.3
     return Outcome(
         "; ".join(parts), "proximal >= 30% exact zeros at <= 5 points cost; subgradient < 1% zeros", holds
     )
@@ -246,8 +247,10 @@ def random_labels(results):
         text,
         "none: train >= 95%, test 5-15%; regularized runs fit later (or not within the budget)",
         holds and slower,
-        "A regularized run that never reaches 99% train accuracy within the epoch budget counts as slower; the "
-        "claim that regularizers do not *prevent* memorization then rests on the budget, not on this run.",
+        "Adam at lr 1e-3 (at the default 1e-2 the unregularized MLP reached only ~79% train accuracy on random "
+        "labels in 400 epochs: its steps are too large to settle on noise; Zhang et al. trained to zero loss). A "
+        "regularized run that never reaches 99% train accuracy within the budget counts as slower; whether it "
+        "would with more epochs, this run does not show.",
     )
 
 
@@ -305,6 +308,9 @@ def dropout_conv(results):
         "; ".join(parts),
         "channel dropout shrinks the gap more than element dropout",
         effect["channel"] > effect["element"],
+        "the case for channel dropout rests on strongly correlated neighbouring activations in large 2-D feature "
+        "maps (Tompson et al. 2015); MNIST-1D's 1-D feature maps are short (length 20, 10, 5) and dropping single "
+        "activations there regularizes about as much; both variants beat the unregularized CNN clearly.",
     )
 
 
@@ -367,7 +373,7 @@ FINDINGS = [
 # Running and writing
 
 
-def run_preset(preset: str, sweeps_root: Path, extra: list[str]) -> tuple[Path, float]:
+def run_preset(preset: str, sweeps_root: Path, extra: list[str]) -> Path:
     """One preset's sweep through the real entrypoint, jobs in parallel (joblib, one thread each)."""
     sweep_dir = sweeps_root / preset
     shutil.rmtree(sweep_dir, ignore_errors=True)
@@ -384,7 +390,9 @@ def run_preset(preset: str, sweeps_root: Path, extra: list[str]) -> tuple[Path, 
     ]
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return sweep_dir, time.perf_counter() - started
+    wall_time = round(time.perf_counter() - started, 1)
+    (sweep_dir / "reproduce_time.json").write_text(json.dumps({"wall_time_s": wall_time, "overrides": extra}))
+    return sweep_dir
 
 
 def machine_facts() -> str:
@@ -457,11 +465,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--presets: unknown {', '.join(unknown)}; known: {', '.join(f.preset for f in FINDINGS)}"
         )
-    results, times = {}, {}
+    sweeps = Path(args.sweeps)
     for preset in presets:
         print(f"[reproduce] {preset} ...", flush=True)
-        sweep_dir, times[preset] = run_preset(preset, Path(args.sweeps), args.overrides)
-        results[preset] = read_runs(sweep_dir)
+        run_preset(preset, sweeps, args.overrides)
+    # every finding whose sweep exists is judged, so that one preset can be rerun without the others
+    results, times = {}, {}
+    for finding in FINDINGS:
+        timing = sweeps / finding.preset / "reproduce_time.json"
+        if timing.exists():
+            results[finding.preset] = read_runs(sweeps / finding.preset)
+            times[finding.preset] = json.loads(timing.read_text())["wall_time_s"]
     outcomes = {}
     for finding in FINDINGS:
         if finding.preset in results:

@@ -121,7 +121,7 @@ SCHEMA: dict[str, Mapping] = {
         "hidden": int_list(1),
         "activation": ACTIVATION,
         "channels": int_list(1),
-        "kernel_size": integer(1),
+        "kernel_size": either(integer(1), int_list(1)),
     },
     "optimizer": {
         "name": choice("sgd", "adam", "adamw"),
