@@ -88,7 +88,7 @@ def conv_stack(
 ):
     """1-D: strided convolutions (each halves the length). 2-D: conv -> activation -> 2x2 max-pool blocks.
     `kernel_size` is one size for every layer or one per layer."""
-    sizes = kernel_size if isinstance(kernel_size, list) else [kernel_size] * len(channels)
+    sizes = [kernel_size] * len(channels) if isinstance(kernel_size, int) else list(kernel_size)
     if len(sizes) != len(channels):
         raise ConfigError(
             "model.kernel_size", kernel_size, f"one size, or one per layer ({len(channels)} layers)"
