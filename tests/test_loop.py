@@ -61,3 +61,11 @@ def test_run_names_come_from_the_overrides():
         "l2 weight_decay=0.001 seed=1"
     )
     assert run_name([]) == "default"
+
+
+def test_monte_carlo_dropout_metrics_land_in_the_summary(tmp_path, data_root):
+    cfg = config(data_root, "trainer.epochs=2", "regularizer=dropout", "regularizer.dropout.mc_samples=4")
+    train(cfg, tmp_path, Job())
+    summary = read_summary(tmp_path)
+    assert 0.0 < summary["test/mc_acc"] <= 1.0 and summary["test/mc_entropy"] > 0.0
+    assert summary["temperature"] > 0.0 and summary["test/ts_ece"] is not None

@@ -171,3 +171,28 @@ def test_summary_is_valid_json_even_for_a_diverged_run(tmp_path, data_root):
     )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["epochs_run"] == 1
+
+
+def test_runs_started_at_the_same_moment_get_their_own_directories(tmp_path, data_root):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "logger=none",
+        "trainer.epochs=1",
+        "trainer.plots=false",
+        "trainer.save_weights=false",
+        f"dataset.root={data_root}",
+    ]
+    processes = [
+        subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL) for _ in range(4)
+    ]
+    assert [p.wait(timeout=300) for p in processes] == [0, 0, 0, 0]
+    runs = list((tmp_path / "outputs" / "runs").iterdir())
+    assert len(runs) == 4 and all((run / "summary.json").exists() for run in runs)
