@@ -41,6 +41,7 @@ def main(cfg: DictConfig) -> float:
 
         # torch's import leaves ~10^5 long-lived objects that every full garbage collection would walk again,
         # during training and once more at exit (~0.7 s measured): move them out of the collector's sight.
+        gc.collect()  # earlier jobs of this process (basic launcher) may have left cyclic garbage: free it first
         gc.freeze()
         try:
             return train(plain, run_dir, job_facts(hydra, multirun))
