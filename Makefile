@@ -52,15 +52,16 @@ format: $(STAMP) ## ruff format and autofix
 bench: $(STAMP) ## speed and memory benchmark; writes docs/performance.md
 	$(PY) benchmarks/bench.py $(ARGS)
 
-reproduce: $(STAMP) ## run every experiment preset (3 seeds each) and write docs/results.md (~20 min)
+reproduce: $(STAMP) ## run every experiment preset (3 seeds each) and write docs/results.md (~7 min)
 	$(PY) -m reglab.reproduce $(ARGS)
 
 figures: $(STAMP) ## remake the README's example figures in docs/figures (a default run and make sweep, ~2 min)
 	rm -rf outputs/example outputs/multiruns/headline
-	$(PY) train.py logger=none hydra.run.dir=outputs/example
+	$(PY) train.py logger=none hydra.run.dir=outputs/example | tee outputs/example_run.txt
 	$(PY) train.py -m hydra/launcher=joblib $(SWEEP) logger=none hydra.sweep.dir=outputs/multiruns/headline
 	mkdir -p docs/figures
 	cp outputs/example/curves.png outputs/example/reliability.png docs/figures/
+	grep '^\[reglab\]' outputs/example_run.txt > docs/figures/example_run.txt
 	cp outputs/multiruns/headline/report.md docs/figures/headline_report.md
 	cp outputs/multiruns/headline/report_val_loss.png outputs/multiruns/headline/report_strength.png docs/figures/ 2>/dev/null || true
 

@@ -152,6 +152,7 @@ BAD_VALUES = [
     ("regularizer=none", "optimizer.lr=0", "optimizer.lr"),
     ("regularizer=none", "+trainer.bogus=1", "trainer.bogus"),
     ("regularizer=none", "+model._target_=os.system", "model._target_"),
+    ("regularizer=none", "+foo=1", "foo"),
 ]
 
 
@@ -176,7 +177,16 @@ def test_missing_keys_are_named():
         validate(cfg)
 
 
+def test_a_conv_stack_too_deep_for_the_input_is_refused():
+    cfg = composed("dataset=digits", "model=cnn", "model.channels=[8,8,8,8]")
+    with pytest.raises(ConfigError, match="model.channels"):
+        build_model(OmegaConf.create(cfg["model"]), (1, 8, 8), 10, build_regularization({}).dropout_plan())
+
+
 def test_contradictory_keys_are_refused():
+    cfg = composed("optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=true")
+    with pytest.raises(ConfigError, match="optimizer.nesterov"):
+        validate(cfg)
     cfg = composed(
         "regularizer=l2", "optimizer=sgd", "regularizer.l2.mode=decoupled", "regularizer.l2.impl=torch"
     )

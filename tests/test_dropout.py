@@ -1,5 +1,7 @@
 """Dropout from scratch vs nn.Dropout*, Monte Carlo dropout and the max-norm constraint."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -89,6 +91,19 @@ def test_channel_dropout_drops_whole_channels_like_torch(shape, torch_layer):
         # Each (sample, channel) slice is kept or dropped as a whole, and both outcomes occur.
         assert torch.equal(kept.all(dim=2), kept.any(dim=2))
         assert 0 < kept[:, :, 0].float().mean() < 1
+
+
+@pytest.mark.parametrize("p", [0.1, 0.4, 0.7])
+def test_channel_dropout_drops_channels_at_rate_p_like_torch(p):
+    """Over 64 x 512 = 32768 (sample, channel) slices the dropped share lies within 5 binomial standard deviations
+    of p, for the scratch version and for nn.Dropout1d alike."""
+    x = torch.ones(64, 512, 3)
+    n = 64 * 512
+    bound = 5 * math.sqrt(p * (1 - p) / n)
+    torch.manual_seed(1)
+    for y in (channel_dropout(x, p, generator=_generator()), nn.Dropout1d(p)(x)):
+        dropped = (y[:, :, 0] == 0).float().mean().item()
+        assert abs(dropped - p) < bound
 
 
 def test_channel_dropout_needs_a_spatial_dim():

@@ -175,7 +175,7 @@ def test_restore_is_a_no_op_when_disabled_or_empty():
     assert not EarlyStopping().restore(model)  # nothing saved yet
     stopper = EarlyStopping(restore_best=False)
     _run(stopper, [1.0, 0.5], model=model)
-    assert stopper.best_state is None
+    assert stopper.best_state is not None  # kept for saving (best.pt), but never loaded back
     with torch.no_grad():
         model.weight.copy_(weight)
     assert not stopper.restore(model) and torch.equal(model.weight.detach(), weight)

@@ -6,7 +6,9 @@ import math
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
+from reglab.schema import validate
 from tests.conftest import CONF, job_dirs, read_summary, run_train
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -41,6 +43,16 @@ def test_each_preset_sweeps_exactly_its_grid(preset):
     params = sweep_params(preset)
     assert params["trainer.seed"] == "0,1,2"  # three seeds each
     assert math.prod(len(values.split(",")) for values in params.values()) == GRID_SIZES[preset]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_value_on_each_preset_grid_is_a_valid_config(preset):
+    """A typo in a grid (a key, a value out of range) fails here, not minutes into `make reproduce`."""
+    for key, values in sweep_params(preset).items():
+        for value in values.split(","):
+            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=[f"experiment={preset}", f"{key}={value}"])
+            validate(OmegaConf.to_container(cfg, resolve=True))
 
 
 def test_every_preset_runs_end_to_end_on_a_tiny_budget(tmp_path, data_root):

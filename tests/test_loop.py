@@ -69,3 +69,18 @@ def test_monte_carlo_dropout_metrics_land_in_the_summary(tmp_path, data_root):
     summary = read_summary(tmp_path)
     assert 0.0 < summary["test/mc_acc"] <= 1.0 and summary["test/mc_entropy"] > 0.0
     assert summary["temperature"] > 0.0 and summary["test/ts_ece"] is not None
+
+
+def test_a_wandb_failure_mid_run_never_fails_the_run(tmp_path, capsys):
+    from reglab.tracking import RunRecord
+
+    class BrokenRun:
+        def log(self, data):
+            raise ConnectionError("service down")
+
+    record = RunRecord(tmp_path, BrokenRun())
+    record.log_epoch({"epoch": 1, "train/loss": 0.5})
+    record.log_epoch({"epoch": 2, "train/loss": 0.4})
+    record.finish()
+    assert record.wandb_run is None and "W&B stopped working" in capsys.readouterr().out
+    assert len(read_metrics(tmp_path)) == 2  # the file on disk got every epoch

@@ -82,7 +82,8 @@ def train(cfg: dict, run_dir: Path, job: Job) -> float:
         return math.nan
     finally:
         if record is not None:  # also after a second Ctrl-C: W&B runs are always finished
-            record.finish(failed=state.status not in FINISHED)
+            # an interrupted run is not a failed one: it will be resumed into the same W&B run
+            record.finish(failed=state.status not in FINISHED and not state.stop_requested)
 
 
 def prepare(state: TrainState):
@@ -359,8 +360,8 @@ def finish(model, data: DataSplits, regs: Regularization, state: TrainState, rec
         stopper = regs.get("early_stopping")  # best.pt holds the weights of `best_epoch`, by the same monitor
         save_weights(run_dir, last_weights, stopper.stopper if stopper is not None else state.best)
     plots = write_plots(model, logits["test"], data.y_test, state, summary) if cfg["trainer"]["plots"] else []
-    record.write_summary(summary)
     record.log_images(plots)
+    record.write_summary(summary)
     checkpoint.remove(run_dir)  # the run is over: the resumable checkpoint has done its job
     print_summary(summary, run_dir, diagnostics.diagnose(state.history, summary), quiet=state.job.parallel)
     return summary
@@ -554,7 +555,8 @@ def autocast(precision: str, device: torch.device):
 
 @contextlib.contextmanager
 def stop_on_signals(state: TrainState):
-    """SIGTERM (a cluster's pre-emption notice) and Ctrl-C finish the current epoch, checkpoint and stop."""
+    """SIGTERM (a cluster's pre-emption notice), SIGUSR2 (SLURM's time-limit warning via submitit) and Ctrl-C
+    finish the current epoch, checkpoint and stop."""
 
     def request_stop(signum, frame):
         if state.stop_requested:  # a second Ctrl-C: stop at once
@@ -562,7 +564,8 @@ def stop_on_signals(state: TrainState):
         state.stop_requested = signal.Signals(signum).name
 
     previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGUSR2: what submitit/SLURM send `signal_delay_s` before a job's time limit
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         with contextlib.suppress(
             ValueError
         ):  # only the main thread may set handlers (joblib threads may not)

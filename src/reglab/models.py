@@ -111,10 +111,24 @@ def conv_stack(
     return layers
 
 
+def channels_of(layers) -> list[int]:
+    return [layer.out_channels for layer in layers if isinstance(layer, (nn.Conv1d, nn.Conv2d))]
+
+
 def conv_net(
     conv_layers, input_shape, hidden: list[int], num_classes: int, activation, dropout
 ) -> nn.Sequential:
     features = nn.Sequential(*conv_layers, nn.Flatten())
-    with torch.no_grad():
-        width = features.eval()(torch.zeros(1, *input_shape)).shape[1]  # flattened size after the conv stack
+    try:
+        with torch.no_grad():
+            width = features.eval()(torch.zeros(1, *input_shape)).shape[
+                1
+            ]  # flattened size after the conv stack
+    except RuntimeError as err:  # torch: "Output size is too small" once the blocks have halved it to nothing
+        raise ConfigError(
+            "model.channels",
+            channels_of(conv_layers),
+            f"fewer conv blocks for inputs of shape "
+            f"{tuple(input_shape)}: each block halves the size ({str(err).splitlines()[0][:80]})",
+        ) from None
     return nn.Sequential(*features, *dense_head(width, hidden, num_classes, activation, dropout)).train()

@@ -33,13 +33,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def read_runs(sweep_dir: Path) -> list[dict]:
-    """The summaries of the sweep's finished jobs."""
+    """The summaries of the sweep's finished jobs (`count_jobs` says how many there were in all)."""
     runs = []
     for path in sorted(Path(sweep_dir).glob("*/summary.json")):
         summary = json.loads(path.read_text())
         if summary.get("status") in FINISHED:
             runs.append(summary)
     return runs
+
+
+def count_jobs(sweep_dir: Path) -> int:
+    return sum(1 for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def select(runs: list[dict], regularizers: list[str] | None = None, **hparams) -> list[dict]:
@@ -102,13 +106,17 @@ def overfit_baseline(results):
 def cnn_baseline(results):
     cnn, mlp = results["cnn_baseline"], results.get("overfit_baseline", [])
     holds = mean(cnn, "test/acc") >= 0.90 and (not mlp or mean(cnn, "test/acc") > mean(mlp, "test/acc"))
-    regularized = select(results.get("dropout_conv", []), regularizer__dropout__conv_p=0.1)
+    regularized = select(
+        results.get("dropout_conv", []),
+        regularizer__dropout__conv_p=0.1,
+        regularizer__dropout__conv_kind="element",
+    )
     return Outcome(
         f"CNN test {ms(cnn, 'test/acc')}% (train {ms(cnn, 'train/acc')}%) vs MLP {ms(mlp, 'test/acc')}%",
         "CNN test >= 90%, far above the MLP",
         holds,
         "the paper's CNN (25 channels, kernels 5-3-3, stride 2) trained on 3200 samples (paper: 4000), final model "
-        f"after 150 epochs. The CNN overfits too (gap {ms(cnn, 'gap/acc')} points); with dropout p=0.1 in its conv "
+        f"after 150 epochs. The CNN overfits too (gap {ms(cnn, 'gap/acc')} points); with element-wise dropout p=0.1 in its conv "
         f"blocks (preset dropout_conv) it reaches {ms(regularized, 'test/acc')}%.",
     )
 
@@ -414,26 +422,34 @@ def machine_facts() -> str:
 
 
 def write_results(
-    path: Path, outcomes: dict[str, Outcome], times: dict[str, float], figures: list[str]
+    path: Path, outcomes: dict[str, Outcome], runs: dict[str, dict], figures: list[str]
 ) -> None:
+    """`runs[preset]`: wall_time_s, jobs, finished and the extra overrides of that preset's sweep."""
+    extra = sorted({" ".join(info["overrides"]) for info in runs.values() if info["overrides"]})
     lines = [
         "# Reproduced findings",
         "",
         "Made by `make reproduce` (`python -m reglab.reproduce`): every experiment preset in `conf/experiment/`, "
-        "3 seeds each, MNIST-1D unless said otherwise; mean ± std over seeds. Accuracies and gaps in percent.",
+        "3 seeds each, MNIST-1D unless said otherwise; mean ± std over the finished seeds (the jobs column says how "
+        "many of the sweep's jobs finished). Accuracies and gaps in percent.",
         "",
-        f"Machine and versions: {machine_facts()}. Wall time: {sum(times.values()) / 60:.1f} min in all.",
+        f"Machine and versions: {machine_facts()}. "
+        f"Wall time: {sum(info['wall_time_s'] for info in runs.values()) / 60:.1f} min in all.",
         "",
-        "| # | preset | question | reference | reglab (mean ± std) | expected | holds |",
-        "|---|---|---|---|---|---|---|",
+    ]
+    if extra:
+        lines += [f"**Extra overrides, not the presets as shipped:** {'; '.join(extra)}", ""]
+    lines += [
+        "| # | preset | question | reference | reglab (mean ± std) | expected | holds | jobs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for number, finding in enumerate(FINDINGS, 1):
         if finding.preset not in outcomes:
             continue
-        o = outcomes[finding.preset]
+        o, info = outcomes[finding.preset], runs[finding.preset]
         lines.append(
             f"| {number} | `{finding.preset}` | {finding.question} | {finding.reference} | {o.measured} | "
-            f"{o.expected} | {'yes' if o.holds else '**no**'} |"
+            f"{o.expected} | {'yes' if o.holds else '**no**'} | {info['finished']}/{info['jobs']} |"
         )
     notes = [
         (f.preset, outcomes[f.preset].note)
@@ -442,51 +458,52 @@ def write_results(
     ]
     if notes:
         lines += ["", "## Notes", ""] + [f"- `{preset}`: {note}" for preset, note in notes]
-    lines += ["", "## Wall time per preset", ""] + [f"- `{p}`: {t:.0f} s" for p, t in times.items()]
+    lines += ["", "## Wall time per preset", ""] + [
+        f"- `{p}`: {info['wall_time_s']:.0f} s" for p, info in runs.items()
+    ]
     lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
+    known = [f.preset for f in FINDINGS]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--presets", default=",".join(f.preset for f in FINDINGS), help="comma-separated presets"
-    )
+    parser.add_argument("--presets", default=",".join(known), help="comma-separated presets to run")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results.md"), help="the results file to write")
     parser.add_argument("--sweeps", default=str(ROOT / "outputs" / "reproduce"), help="where the sweeps go")
+    parser.add_argument(
+        "--judge-only", action="store_true", help="run nothing: judge the sweeps already there"
+    )
     parser.add_argument(
         "overrides", nargs="*", help="extra overrides for every sweep (e.g. trainer.epochs=5)"
     )
     args = parser.parse_args(argv)
     presets = args.presets.split(",")
-    unknown = sorted(set(presets) - {f.preset for f in FINDINGS})
+    unknown = sorted(set(presets) - set(known))
     if unknown:
-        parser.error(
-            f"--presets: unknown {', '.join(unknown)}; known: {', '.join(f.preset for f in FINDINGS)}"
-        )
+        parser.error(f"--presets: unknown {', '.join(unknown)}; known: {', '.join(known)}")
     sweeps = Path(args.sweeps)
-    for preset in presets:
+    for preset in [] if args.judge_only else presets:
         print(f"[reproduce] {preset} ...", flush=True)
         run_preset(preset, sweeps, args.overrides)
     # every finding whose sweep exists is judged, so that one preset can be rerun without the others
-    results, times = {}, {}
-    for finding in FINDINGS:
-        timing = sweeps / finding.preset / "reproduce_time.json"
+    results, runs = {}, {}
+    for preset in known:
+        timing = sweeps / preset / "reproduce_time.json"
         if timing.exists():
-            results[finding.preset] = read_runs(sweeps / finding.preset)
-            times[finding.preset] = json.loads(timing.read_text())["wall_time_s"]
-    outcomes = {}
-    for finding in FINDINGS:
-        if finding.preset in results:
-            outcomes[finding.preset] = finding.judge(results)
-            print(
-                f"[reproduce] {finding.preset}: {'holds' if outcomes[finding.preset].holds else 'DOES NOT HOLD'}: "
-                f"{outcomes[finding.preset].measured}"
-            )
+            results[preset] = read_runs(sweeps / preset)
+            runs[preset] = {
+                **json.loads(timing.read_text()),
+                "jobs": count_jobs(sweeps / preset),
+                "finished": len(results[preset]),
+            }
+    outcomes = {f.preset: f.judge(results) for f in FINDINGS if f.preset in results}
+    for preset, outcome in outcomes.items():
+        print(f"[reproduce] {preset}: {'holds' if outcome.holds else 'DOES NOT HOLD'}: {outcome.measured}")
     out = Path(args.out)
-    figures = copy_figures(Path(args.sweeps), out.parent / "figures")
-    write_results(out, outcomes, times, [str(Path(f).relative_to(out.parent)) for f in figures])
+    figures = [str(f.relative_to(out.parent)) for f in copy_figures(sweeps, out.parent / "figures")]
+    write_results(out, outcomes, runs, figures)
     print(f"[reproduce] wrote {out}")
     return 0
 

@@ -221,6 +221,11 @@ MONITORABLE = (
 
 def validate(cfg: Mapping) -> None:
     """Raise ConfigError for the first key of `cfg` (a plain dict of the run's config) that breaks the schema."""
+    unknown = [key for key in cfg if key not in SCHEMA]
+    if unknown:
+        raise ConfigError(
+            unknown[0], cfg[unknown[0]], f"no such key; the config's groups are {', '.join(SCHEMA)}"
+        )
     for group, spec in SCHEMA.items():
         if group not in cfg:
             raise ConfigError(group, None, "a config group; it is missing from the config")
@@ -299,6 +304,10 @@ def _check_cross_keys(cfg: Mapping) -> None:
             "coupled",
             "decoupled or penalty with optimizer=adamw (AdamW's weight decay is decoupled by definition); "
             "for L2 in the gradient of Adam use optimizer=adam",
+        )
+    if opt["name"] == "sgd" and opt["nesterov"] and opt["momentum"] <= 0:
+        raise ConfigError(
+            "optimizer.nesterov", True, "false when optimizer.momentum=0 (Nesterov needs momentum)"
         )
     smoothing = reg.get("label_smoothing")
     if smoothing and smoothing["impl"] == "torch" and smoothing["variant"] != "uniform":

@@ -75,8 +75,17 @@ class RunRecord:
         clean = {k: _finite_or_none(v) for k, v in metrics.items()}
         self._metrics_file.write(json.dumps(clean) + "\n")
         self._metrics_file.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics)
+        self._to_wandb(lambda run: run.log(metrics))
+
+    def _to_wandb(self, send) -> None:
+        """Mirror to W&B; if W&B breaks mid-run, say so once and go on with the files on disk alone."""
+        if self.wandb_run is None:
+            return
+        try:
+            send(self.wandb_run)
+        except Exception as err:
+            print(f"[reglab] W&B stopped working ({type(err).__name__}: {err}); going on without it")
+            self.wandb_run = None
 
     def write_summary(self, summary: dict) -> None:
         write_summary(self.run_dir, summary, self.wandb_run)
@@ -86,7 +95,7 @@ class RunRecord:
             return
         import wandb
 
-        self.wandb_run.log({f"plots/{Path(p).stem}": wandb.Image(str(p)) for p in paths})
+        self._to_wandb(lambda run: run.log({f"plots/{Path(p).stem}": wandb.Image(str(p)) for p in paths}))
 
     def finish(self, failed: bool = False) -> None:
         self._metrics_file.close()

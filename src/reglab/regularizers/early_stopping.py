@@ -127,7 +127,7 @@ class EarlyStopping:
 
     def _record_best(self, value: float, epoch: int, model: nn.Module | None) -> None:
         self.best_score, self.best_epoch = value, epoch
-        if model is not None and self.restore_best:
+        if model is not None:  # kept even without restore_best: the caller may save them (reglab's best.pt)
             # Clones stay on the parameters' device: no host transfer, at the price of one model's memory.
             self.best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
 
