@@ -189,7 +189,7 @@ def test_wandb_unreachable_never_fails_the_run(tmp_path, data_root, monkeypatch)
             assert secret.encode() not in path.read_bytes(), path
 
 
-def test_bad_input_in_one_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path, data_root):
+def test_an_invalid_value_anywhere_in_a_grid_stops_the_sweep_before_any_job(tmp_path, data_root):
     sweep = tmp_path / "sweep"
     result = run_train(
         [
@@ -202,12 +202,26 @@ def test_bad_input_in_one_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path, 
         ],
         tmp_path,
         data_root,
+        check=False,
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("reglab: error")]
+    assert len(errors) == 1 and "regularizer.dropout.p=1.5 is not allowed" in errors[0]
+    assert not sweep.exists() or not job_dirs(sweep)  # no job started
+
+
+def test_bad_input_only_the_data_reveals_is_recorded_and_the_sweep_goes_on(tmp_path, data_root):
+    sweep = tmp_path / "sweep"
+    result = run_train(
+        ["-m", *QUICK, "trainer.epochs=2", "dataset.n_train=300,99999", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+        data_root,
     )
     good, bad = (read_summary(job) for job in job_dirs(sweep))
     assert good["status"] == "completed"
-    assert bad["status"] == "failed" and "regularizer.dropout.p=1.5" in bad["error"]
-    assert "regularizer.dropout.p=1.5 is not allowed" in result.stderr
-    assert "regularizer.dropout.p=1.5" in (sweep / "report.md").read_text()
+    assert bad["status"] == "failed" and "dataset.n_train=99999" in bad["error"]
+    assert "dataset.n_train=99999 is not allowed" in result.stderr
+    assert "dataset.n_train=99999" in (sweep / "report.md").read_text()
 
 
 def test_a_checkpoint_of_another_model_gives_a_clear_error(tmp_path, data_root):
