@@ -59,30 +59,32 @@ class DataSplits:
 
 def load_dataset(cfg) -> DataSplits:
     """Build the splits that `cfg` (the `dataset` config node) describes."""
-    if cfg.name == "mnist1d":
-        x, y, x_test, y_test = _mnist1d_arrays(Path(cfg.root))
-    elif cfg.name == "digits":
-        x, y, x_test, y_test = _digits_arrays(cfg.test_fraction, cfg.split_seed)
-    elif cfg.name in TORCHVISION_SETS:
-        x, y, x_test, y_test = _torchvision_arrays(cfg.name, Path(cfg.root), cfg.download)
+    if cfg["name"] == "mnist1d":
+        x, y, x_test, y_test = _mnist1d_arrays(Path(cfg["root"]))
+    elif cfg["name"] == "digits":
+        x, y, x_test, y_test = _digits_arrays(cfg["test_fraction"], cfg["split_seed"])
+    elif cfg["name"] in TORCHVISION_SETS:
+        x, y, x_test, y_test = _torchvision_arrays(cfg["name"], Path(cfg["root"]), cfg["download"])
     else:
-        raise ConfigError("dataset.name", cfg.name, f"one of {', '.join(DATASETS)}")
+        raise ConfigError("dataset.name", cfg["name"], f"one of {', '.join(DATASETS)}")
     num_classes = int(max(y.max(), y_test.max())) + 1
-    rng = np.random.default_rng(cfg.split_seed)
-    train_idx, val_idx = _split_indices(len(y), cfg.val_fraction, rng)
-    if cfg.n_train is not None:
-        if cfg.n_train > len(train_idx):
-            raise ConfigError("dataset.n_train", cfg.n_train, f"at most {len(train_idx)} for {cfg.name}")
-        train_idx = train_idx[: cfg.n_train]
-    y_train = _with_label_noise(y[train_idx], cfg.label_noise, num_classes, rng)
-    if cfg.name in TORCHVISION_SETS:  # standardize each channel with the training split's statistics only
+    rng = np.random.default_rng(cfg["split_seed"])
+    train_idx, val_idx = _split_indices(len(y), cfg["val_fraction"], rng)
+    if cfg["n_train"] is not None:
+        if cfg["n_train"] > len(train_idx):
+            raise ConfigError(
+                "dataset.n_train", cfg["n_train"], f"at most {len(train_idx)} for {cfg['name']}"
+            )
+        train_idx = train_idx[: cfg["n_train"]]
+    y_train = _with_label_noise(y[train_idx], cfg["label_noise"], num_classes, rng)
+    if cfg["name"] in TORCHVISION_SETS:  # standardize each channel with the training split's statistics only
         mean, std = (
             x[train_idx].mean(axis=(0, 2, 3), keepdims=True),
             x[train_idx].std(axis=(0, 2, 3), keepdims=True),
         )
         x, x_test = (x - mean) / std, (x_test - mean) / std
     return DataSplits(
-        name=cfg.name,
+        name=cfg["name"],
         x_train=torch.as_tensor(x[train_idx], dtype=torch.float32),
         y_train=torch.as_tensor(y_train, dtype=torch.int64),
         x_val=torch.as_tensor(x[val_idx], dtype=torch.float32),

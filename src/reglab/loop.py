@@ -91,10 +91,10 @@ def prepare(state: TrainState):
     cfg = state.cfg
     state.device = setup_process(cfg["trainer"])
     host_train = cfg["trainer"]["loader"] == "dataloader"
-    data = load_dataset(_Node(cfg["dataset"])).to(state.device, keep_train_on_host=host_train)
+    data = load_dataset(cfg["dataset"]).to(state.device, keep_train_on_host=host_train)
     regs = build_regularization(cfg["regularizer"])
     plan = regs.dropout_plan()
-    model = build_model(_Node(cfg["model"]), data.input_shape, data.num_classes, plan).to(state.device)
+    model = build_model(cfg["model"], data.input_shape, data.num_classes, plan).to(state.device)
     regs.setup(model)
     optimizer = build_optimizer(
         cfg["optimizer"], model, regs, cfg["trainer"]["fused_optimizer"], state.device
@@ -501,12 +501,6 @@ def print_summary(summary: dict, run_dir: Path, diagnosis: list[str], quiet: boo
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Small helpers
-
-
-class _Node(dict):
-    """A dict whose keys read as attributes: cfg.name instead of cfg['name']."""
-
-    __getattr__ = dict.__getitem__
 
 
 def flatten(node: dict, prefix: str) -> dict:

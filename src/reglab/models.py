@@ -40,20 +40,22 @@ class DropoutPlan:
 
 def build_model(cfg, input_shape: tuple[int, ...], num_classes: int, dropout: DropoutPlan) -> nn.Module:
     """The network that `cfg` (the `model` config node) names, sized for the data."""
-    activation = ACTIVATIONS[cfg.activation]
-    if cfg.name == "mlp":
-        return mlp(input_shape, list(cfg.hidden), num_classes, activation, dropout)
+    activation = ACTIVATIONS[cfg["activation"]]
+    if cfg["name"] == "mlp":
+        return mlp(input_shape, list(cfg["hidden"]), num_classes, activation, dropout)
     spatial_dims = len(input_shape) - 1
-    wanted = {"cnn1d": 1, "cnn": 2}.get(cfg.name)
+    wanted = {"cnn1d": 1, "cnn": 2}.get(cfg["name"])
     if wanted is None:
-        raise ConfigError("model", cfg.name, f"one of {', '.join(MODELS)}")
+        raise ConfigError("model", cfg["name"], f"one of {', '.join(MODELS)}")
     if spatial_dims != wanted:
         kind = "1-D signals (model=cnn1d)" if spatial_dims == 1 else "2-D images (model=cnn)"
-        raise ConfigError("model", cfg.name, f"this data set holds {kind}; model=mlp works with any data set")
+        raise ConfigError(
+            "model", cfg["name"], f"this data set holds {kind}; model=mlp works with any data set"
+        )
     conv_layers = conv_stack(
-        input_shape[0], list(cfg.channels), cfg.kernel_size, spatial_dims, activation, dropout
+        input_shape[0], list(cfg["channels"]), cfg["kernel_size"], spatial_dims, activation, dropout
     )
-    return conv_net(conv_layers, input_shape, list(cfg.hidden), num_classes, activation, dropout)
+    return conv_net(conv_layers, input_shape, list(cfg["hidden"]), num_classes, activation, dropout)
 
 
 def mlp(input_shape, hidden: list[int], num_classes: int, activation, dropout: DropoutPlan) -> nn.Sequential:
