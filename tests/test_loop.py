@@ -84,3 +84,21 @@ def test_a_wandb_failure_mid_run_never_fails_the_run(tmp_path, capsys):
     record.finish()
     assert record.wandb_run is None and "W&B stopped working" in capsys.readouterr().out
     assert len(read_metrics(tmp_path)) == 2  # the file on disk got every epoch
+
+
+def test_all_techniques_at_once_each_one_active(tmp_path, data_root):
+    cfg = config(
+        data_root,
+        "trainer.epochs=3",
+        "regularizer=[l1,l2,dropout,label_smoothing,early_stopping]",
+        "regularizer.l1.mode=subgradient",
+        "regularizer.l2.mode=penalty",
+    )
+    train(cfg, tmp_path, Job())
+    summary, history = read_summary(tmp_path), read_metrics(tmp_path)
+    assert summary["regularizers"] == ["l1", "l2", "dropout", "early_stopping", "label_smoothing"]
+    assert all(row["loss/penalty"] > 0 for row in history)  # L1 and L2 penalties in the loss
+    assert all(
+        row["loss/data"] > row["train/loss"] for row in history[1:]
+    )  # dropout + smoothing raise the objective
+    assert "test/last_acc" in summary  # early stopping took part (its last-vs-restored comparison)
