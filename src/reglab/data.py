@@ -78,9 +78,10 @@ def load_dataset(cfg) -> DataSplits:
         train_idx = train_idx[: cfg["n_train"]]
     y_train = _with_label_noise(y[train_idx], cfg["label_noise"], num_classes, rng)
     if cfg["name"] in TORCHVISION_SETS:  # standardize each channel with the training split's statistics only
+        train_pixels = x[train_idx]
         mean, std = (
-            x[train_idx].mean(axis=(0, 2, 3), keepdims=True),
-            x[train_idx].std(axis=(0, 2, 3), keepdims=True),
+            train_pixels.mean(axis=(0, 2, 3), keepdims=True),
+            train_pixels.std(axis=(0, 2, 3), keepdims=True),
         )
         x, x_test = (x - mean) / std, (x_test - mean) / std
     return DataSplits(

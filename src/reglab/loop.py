@@ -47,7 +47,7 @@ class Job:
 
 
 class Interrupted(Exception):
-    """SIGTERM or Ctrl-C arrived; a resumable checkpoint was written."""
+    """SIGTERM, SIGUSR2 or Ctrl-C arrived; a resumable checkpoint was written."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -157,9 +157,8 @@ class TrainState:
 def setup_process(trainer: dict) -> torch.device:
     """Threads, denormals, seeds and device: the process-wide settings, all explicit in the config."""
     torch.set_num_threads(trainer["threads"])
-    torch.set_flush_denormal(
-        trainer["flush_denormal"]
-    )  # tiny weights become 0 instead of slow denormal floats
+    # tiny values (< 1.2e-38) become 0 instead of denormal floats, which CPUs compute slowly
+    torch.set_flush_denormal(trainer["flush_denormal"])
     seed = trainer["seed"]
     random.seed(seed)
     np.random.seed(seed)
@@ -180,10 +179,9 @@ def build_optimizer(
     exclude = getattr(l2, "exclude_bias_and_norm", True)
     groups = decay_parameter_groups(model, weight_decay, exclude) if weight_decay else model.parameters()
     common = dict(lr=opt["lr"], weight_decay=0.0)
-    if fused and (device.type == "cuda" or device.type == "cpu"):
-        common["fused"] = (
-            True  # one kernel for the whole update instead of one per tensor (~1.35x on CPU here)
-        )
+    if fused and device.type in ("cuda", "cpu"):
+        # one kernel for the whole update instead of several per tensor: ~1.3x faster steps here
+        common["fused"] = True
     if opt["name"] == "sgd":
         return torch.optim.SGD(groups, momentum=opt["momentum"], nesterov=opt["nesterov"], **common)
     adam = torch.optim.AdamW if (opt["name"] == "adamw" or decoupled) else torch.optim.Adam
@@ -301,10 +299,7 @@ def epoch_metrics(model, data: DataSplits, regs, losses, lr: float, eval_batch_s
         **{f"train/{k}": v for k, v in train.items() if k in ("loss", "acc")},
         **{f"val/{k}": v for k, v in val.items()},
     }
-    names = list(values)
-    numbers = dict(
-        zip(names, torch.stack([values[k].float() for k in names]).tolist(), strict=True)
-    )  # one sync
+    numbers = as_floats(values)
     return {
         "epoch": epoch,
         **numbers,
@@ -343,12 +338,10 @@ def finish(model, data: DataSplits, regs: Regularization, state: TrainState, rec
     batch = cfg["trainer"]["eval_batch_size"]
     last_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # before any restore
     last_model_test = {}
-    if (
-        regs.get("early_stopping") is not None
-    ):  # the model as training left it, to compare with the restored one
-        last_model_test = {
-            f"test/last_{k}": v for k, v in as_floats(evaluate(model, *data.test, batch)).items()
-        }
+    if regs.get("early_stopping") is not None:
+        # the model as training left it, to compare with the one early stopping restores
+        last_test = as_floats(evaluate(model, *data.test, batch))
+        last_model_test = {f"test/last_{k}": v for k, v in last_test.items()}
     regs.end_training(model)  # early stopping restores its best weights here, whatever ended training
     logits = {split: predict(model, x, batch) for split, (x, _) in data.splits().items()}
     final = {split: as_floats(scores(logits[split], y)) for split, (_, y) in data.splits().items()}
@@ -379,6 +372,7 @@ def temperature_scaling(val_logits: Tensor, val_y: Tensor, test_logits: Tensor, 
 
 
 def as_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
+    """0-d tensors to floats with one host sync for all of them."""
     names = list(metrics)
     return dict(zip(names, torch.stack([metrics[k].float() for k in names]).tolist(), strict=True))
 
@@ -560,9 +554,8 @@ def stop_on_signals(state: TrainState):
     previous = {}
     # SIGUSR2: what submitit/SLURM send `signal_delay_s` before a job's time limit
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-        with contextlib.suppress(
-            ValueError
-        ):  # only the main thread may set handlers (joblib threads may not)
+        # only the main thread may set handlers (a launcher may run jobs in other threads): skip them there
+        with contextlib.suppress(ValueError):
             previous[sig] = signal.signal(sig, request_stop)
     try:
         yield
