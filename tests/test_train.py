@@ -196,3 +196,53 @@ def test_runs_started_at_the_same_moment_get_their_own_directories(tmp_path, dat
     assert [p.wait(timeout=300) for p in processes] == [0, 0, 0, 0]
     runs = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(runs) == 4 and all((run / "summary.json").exists() for run in runs)
+
+
+def test_a_run_imports_only_what_it_uses(tmp_path, data_root):
+    """W&B only with the logger on, matplotlib only when plotting, never torchmetrics/torchvision/optuna for
+    MNIST-1D: each costs seconds of start-up on every job of a sweep."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = ['train.py', 'logger=none', 'trainer.plots=false', 'trainer.epochs=1', "
+        f"'hydra.run.dir={tmp_path / 'run'}', 'dataset.root={data_root}']\n"
+        f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n"
+        "print(sorted(m for m in ('wandb', 'matplotlib', 'torchmetrics', 'torchvision', 'optuna', 'sklearn')"
+        " if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_optuna_search_writes_its_best_parameters(tmp_path, data_root):
+    sweep = tmp_path / "search"
+    run_train(
+        [
+            "-m",
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=3",
+            "trainer.epochs=2",
+            "dataset.n_train=300",
+            "logger=none",
+            "trainer.plots=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+        data_root,
+    )
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {
+        "regularizer.l2.weight_decay",
+        "regularizer.dropout.p",
+        "regularizer.label_smoothing.eps",
+        "optimizer.lr",
+    }
+    values = [read_summary(job)["val/loss"] for job in job_dirs(sweep)]
+    assert len(values) == 3 and best["best_value"] == pytest.approx(min(values))
