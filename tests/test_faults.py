@@ -291,3 +291,22 @@ def test_last_weights_are_the_final_ones_even_when_early_stopping_restores(tmp_p
     assert accuracy["last"] == pytest.approx(summary["test/last_acc"])
     assert accuracy["best"] == pytest.approx(summary["test/acc"])  # the restored, evaluated model
     assert summary["best_epoch"] < summary["epochs_run"]  # so the two differ: the test can tell them apart
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, data_root):
+    run_dir = tmp_path / "run"
+    args = [
+        "logger=wandb",
+        "logger.wandb.mode=offline",
+        "trainer.plots=false",
+        "trainer.epochs=40",
+        "trainer.checkpoint_every=0",
+        f"hydra.run.dir={run_dir}",
+    ]
+    process = start_run(args, tmp_path, data_root)
+    wait_for_epochs(run_dir / "metrics.jsonl", 2, process)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    run_train([*args, "trainer.resume=true"], tmp_path, data_root)
+    run_ids = {path.name.rsplit("-", 1)[1] for path in (run_dir / "wandb").glob("offline-run-*")}
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(run_ids) == 1
