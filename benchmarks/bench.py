@@ -648,9 +648,14 @@ def prepare_data(data_root: Path) -> None:
     from reglab.data import load_dataset
 
     load_dataset(
-        SimpleNamespace(
-            name="mnist1d", root=str(data_root), val_fraction=0.2, split_seed=0, n_train=None, label_noise=0.0
-        )
+        {
+            "name": "mnist1d",
+            "root": str(data_root),
+            "val_fraction": 0.2,
+            "split_seed": 0,
+            "n_train": None,
+            "label_noise": 0.0,
+        }
     )
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +47,14 @@ torch.manual_seed(args.seed)
 # Data: the same 3200 / 800 / 1000 split that reglab's dataset=mnist1d gives
 
 data = load_dataset(
-    SimpleNamespace(
-        name="mnist1d", root=args.data_root, val_fraction=0.2, split_seed=0, n_train=None, label_noise=0.0
-    )
+    {
+        "name": "mnist1d",
+        "root": args.data_root,
+        "val_fraction": 0.2,
+        "split_seed": 0,
+        "n_train": None,
+        "label_noise": 0.0,
+    }
 )
 train_loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=batch_size, shuffle=True)
 val_loader = DataLoader(TensorDataset(data.x_val, data.y_val), batch_size=1000)
