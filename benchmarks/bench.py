@@ -645,18 +645,9 @@ def log(message: str) -> None:
 
 def prepare_data(data_root: Path) -> None:
     """Generate the MNIST-1D cache once, before anything is timed."""
-    from reglab.data import load_dataset
+    from reglab.data import load_dataset, mnist1d_config
 
-    load_dataset(
-        {
-            "name": "mnist1d",
-            "root": str(data_root),
-            "val_fraction": 0.2,
-            "split_seed": 0,
-            "n_train": None,
-            "label_noise": 0.0,
-        }
-    )
+    load_dataset(mnist1d_config(str(data_root)))
 
 
 def main(argv: list[str] | None = None) -> int:

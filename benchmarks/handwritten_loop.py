@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from reglab.data import load_dataset
+from reglab.data import load_dataset, mnist1d_config
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Settings (reglab's defaults, written out)
@@ -46,16 +46,7 @@ torch.manual_seed(args.seed)
 # ---------------------------------------------------------------------------------------------------------------------
 # Data: the same 3200 / 800 / 1000 split that reglab's dataset=mnist1d gives
 
-data = load_dataset(
-    {
-        "name": "mnist1d",
-        "root": args.data_root,
-        "val_fraction": 0.2,
-        "split_seed": 0,
-        "n_train": None,
-        "label_noise": 0.0,
-    }
-)
+data = load_dataset(mnist1d_config(args.data_root))
 train_loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=batch_size, shuffle=True)
 val_loader = DataLoader(TensorDataset(data.x_val, data.y_val), batch_size=1000)
 test_loader = DataLoader(TensorDataset(data.x_test, data.y_test), batch_size=1000)

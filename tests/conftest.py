@@ -29,22 +29,10 @@ def offline_wandb(tmp_path, monkeypatch):
 def data_root(tmp_path_factory) -> Path:
     """MNIST-1D generated once for the whole session (the loader caches it here)."""
     root = tmp_path_factory.mktemp("data")
-    from omegaconf import OmegaConf
 
-    from reglab.data import load_dataset
+    from reglab.data import load_dataset, mnist1d_config
 
-    load_dataset(
-        OmegaConf.create(
-            {
-                "name": "mnist1d",
-                "root": str(root),
-                "val_fraction": 0.2,
-                "split_seed": 0,
-                "n_train": None,
-                "label_noise": 0.0,
-            }
-        )
-    )
+    load_dataset(mnist1d_config(str(root)))
     return root
 
 

@@ -263,20 +263,9 @@ def test_last_weights_are_the_final_ones_even_when_early_stopping_restores(tmp_p
         data_root,
     )
     summary = read_summary(run_dir)
-    from reglab.data import load_dataset
+    from reglab.data import load_dataset, mnist1d_config
 
-    data = load_dataset(
-        OmegaConf.create(
-            {
-                "name": "mnist1d",
-                "root": str(data_root),
-                "val_fraction": 0.2,
-                "split_seed": 0,
-                "n_train": None,
-                "label_noise": 0.0,
-            }
-        )
-    )
+    data = load_dataset(mnist1d_config(str(data_root)))
     model = build_model(
         OmegaConf.create({"name": "mlp", "hidden": [100, 100], "activation": "relu"}),
         (1, 40),

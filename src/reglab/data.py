@@ -57,6 +57,20 @@ class DataSplits:
         return DataSplits(**moved)
 
 
+def mnist1d_config(root, **changes) -> dict:
+    """The `dataset=mnist1d` settings as a plain mapping, for scripts and tests that load data without Hydra."""
+    defaults = {
+        "name": "mnist1d",
+        "root": str(root),
+        "val_fraction": 0.2,
+        "split_seed": 0,
+        "n_train": None,
+        "label_noise": 0.0,
+        "augment": False,
+    }
+    return {**defaults, **changes}
+
+
 def load_dataset(cfg) -> DataSplits:
     """Build the splits that `cfg` (the `dataset` config node) describes."""
     if cfg["name"] == "mnist1d":
