@@ -83,7 +83,7 @@ def job_facts(hydra, multirun: bool):
 
 
 def record_bad_input(run_dir: Path, err: Exception, overrides: list[str]) -> None:
-    from reglab.tracking import write_json_atomic
+    from reglab.tracking import write_summary
 
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = {
@@ -92,7 +92,7 @@ def record_bad_input(run_dir: Path, err: Exception, overrides: list[str]) -> Non
         "epochs_run": 0,
         "overrides": overrides,
     }
-    write_json_atomic(run_dir / "summary.json", summary)
+    write_summary(run_dir, summary)
 
 
 def discard_unfinished_run(run_dir: Path) -> None:

@@ -23,27 +23,13 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-from reglab.errors import FINISHED
+from reglab.report import read_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading a sweep
-
-
-def read_runs(sweep_dir: Path) -> list[dict]:
-    """The summaries of the sweep's finished jobs (`count_jobs` says how many there were in all)."""
-    runs = []
-    for path in sorted(Path(sweep_dir).glob("*/summary.json")):
-        summary = json.loads(path.read_text())
-        if summary.get("status") in FINISHED:
-            runs.append(summary)
-    return runs
-
-
-def count_jobs(sweep_dir: Path) -> int:
-    return sum(1 for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def select(runs: list[dict], regularizers: list[str] | None = None, **hparams) -> list[dict]:
@@ -492,10 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     for preset in known:
         timing = sweeps / preset / "reproduce_time.json"
         if timing.exists():
-            results[preset] = read_runs(sweeps / preset)
+            jobs = read_jobs(sweeps / preset)
+            results[preset] = [job.summary for job in jobs if job.ok]  # finished jobs only
             runs[preset] = {
                 **json.loads(timing.read_text()),
-                "jobs": count_jobs(sweeps / preset),
+                "jobs": len(jobs),
                 "finished": len(results[preset]),
             }
     outcomes = {f.preset: f.judge(results) for f in FINDINGS if f.preset in results}
