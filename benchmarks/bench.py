@@ -65,6 +65,8 @@ MAX_WHOLE_PROCESS = 0.9  # reglab default / hand-written loop, whole process
 MAX_TRAINING_TIME = 0.7  # ... training time (the epochs loop, per-epoch validation included)
 MAX_WANDB_WHOLE_PROCESS = 1.1  # reglab + W&B offline + all diagnostics and plots / hand-written loop
 MAX_JOBLIB_GRID = 0.6  # joblib launcher / basic launcher, wall time of the 12-job grid
+MAX_STACKED_GRID = 0.5  # stacked launcher / basic launcher, the same grid (one process, one batched model)
+MAX_STACKED_VS_JOBLIB = 0.8  # stacked launcher / joblib launcher, the same grid
 MAX_PEAK_RSS_MB = 1500  # peak resident memory of the default run, 1 MB = 10^6 bytes
 MICRO_CASES = [  # (technique, input shape, max ratio from scratch / built-in)
     ("dropout p=0.5", (100, 100), 1.5),
@@ -246,7 +248,7 @@ def run_grid(args: argparse.Namespace, launcher: str, repeat: int, workdir: Path
     sweep_dir = workdir / "grids" / f"{launcher}-{repeat}"
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", *grid_overrides(args.sizes)]
     cmd += [f"dataset.root={args.data_root}", f"hydra.sweep.dir={sweep_dir}"]
-    cmd += ["hydra/launcher=joblib"] if launcher == "joblib" else []
+    cmd += [f"hydra/launcher={launcher}"] if launcher != "basic" else []
     finished = run_process(cmd, workdir, env)
     completed = [
         p for p in sweep_dir.glob("*/summary.json") if json.loads(p.read_text())["status"] == "completed"
@@ -257,7 +259,7 @@ def run_grid(args: argparse.Namespace, launcher: str, repeat: int, workdir: Path
 
 
 def measure_grids(args: argparse.Namespace, workdir: Path, env: dict) -> dict[str, list[float]]:
-    results: dict[str, list[float]] = {"basic": [], "joblib": []}
+    results: dict[str, list[float]] = {"basic": [], "joblib": [], "stacked": []}
     for repeat in range(args.repeats):
         for launcher in results:
             results[launcher].append(run_grid(args, launcher, repeat, workdir, env))
@@ -276,7 +278,7 @@ def micro_pair(technique: str, shape: tuple[int, ...]) -> tuple[str, str, Callab
     import torch.nn.functional as F
     from torch import nn
 
-    from reglab.regularizers.dropout import ChannelDropout, Dropout
+    from reglab.regularizers.dropout import channel_dropout, dropout
     from reglab.regularizers.label_smoothing import label_smoothing_cross_entropy
 
     generator = torch.Generator().manual_seed(0)
@@ -294,15 +296,12 @@ def micro_pair(technique: str, shape: tuple[int, ...]) -> tuple[str, str, Callab
     if technique.startswith("channel"):
         return (
             "nn.Dropout2d",
-            "ChannelDropout (channel_dropout)",
+            "channel_dropout",
             nn.Dropout2d(0.5),
-            ChannelDropout(0.5),
-            {
-                "x": x,
-                "grad_out": grad_out,
-            },
+            lambda z: channel_dropout(z, 0.5),
+            {"x": x, "grad_out": grad_out},
         )
-    return "nn.Dropout", "Dropout (dropout)", nn.Dropout(0.5), Dropout(0.5), {"x": x, "grad_out": grad_out}
+    return "nn.Dropout", "dropout", nn.Dropout(0.5), lambda z: dropout(z, 0.5), {"x": x, "grad_out": grad_out}
 
 
 def time_forward_backward(fn: Callable, inputs: dict, min_run_time: float) -> float:
@@ -423,7 +422,7 @@ def build_rows(
         *speed_setting_rows(single),
         wandb_row(single),
         *micro_rows(micro),
-        grid_row(grids, sizes),
+        *grid_rows(grids, sizes),
         *memory_rows(single),
         lightning_row(),
     ]
@@ -495,11 +494,25 @@ def micro_rows(micro: list[dict]) -> list[Row]:
     ]
 
 
-def grid_row(grids: dict[str, list[float]], sizes) -> Row:
-    what = f"{grid_size(sizes)}-job grid ({sizes.grid_epochs} epochs each): basic launcher (A) vs joblib (B)"
-    return ratio_row(
-        "4", what, "whole sweep, start to exit", grids["basic"], grids["joblib"], "s", MAX_JOBLIB_GRID
-    )
+def grid_rows(grids: dict[str, list[float]], sizes) -> list[Row]:
+    grid = f"{grid_size(sizes)}-job grid ({sizes.grid_epochs} epochs each)"
+    pairs = [
+        ("basic", "joblib", MAX_JOBLIB_GRID),
+        ("basic", "stacked", MAX_STACKED_GRID),
+        ("joblib", "stacked", MAX_STACKED_VS_JOBLIB),
+    ]
+    return [
+        ratio_row(
+            "4",
+            f"{grid}: {a} launcher (A) vs {b} (B)",
+            "whole sweep, start to exit",
+            grids[a],
+            grids[b],
+            "s",
+            limit,
+        )
+        for a, b, limit in pairs
+    ]
 
 
 def memory_rows(single: dict[str, list[dict]]) -> list[Row]:

@@ -8,11 +8,18 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from reglab.errors import ConfigError
-from reglab.loop import build_optimizer
-from reglab.models import build_model
+from reglab.loop import Member, Stack, build_optimizer
+from reglab.models import Architecture, build_model
 from reglab.regularizers import build_regularization
 from reglab.schema import validate
 from tests.conftest import CONF
+
+
+def built(cfg: dict, shape: tuple[int, ...]):
+    """The regularization and model of one job, as the loop builds them (a stack of one)."""
+    regs = build_regularization([cfg["regularizer"]])
+    model = build_model(cfg["model"], Architecture(shape, 10, [0], regs.dropout_plans()))
+    return regs, model
 
 
 def options(group: str) -> list[str]:
@@ -54,9 +61,8 @@ def test_every_dataset_and_model_pair_builds(dataset):
     for model_name in MODEL_FOR[dataset]:
         cfg = composed(f"dataset={dataset}", f"model={model_name}", "regularizer=dropout")
         validate(cfg)
-        regs = build_regularization(cfg["regularizer"])
-        model = build_model(OmegaConf.create(cfg["model"]), SHAPES[dataset], 10, regs.dropout_plan())
-        assert model(torch.zeros(2, *SHAPES[dataset])).shape == (2, 10)
+        _, model = built(cfg, SHAPES[dataset])
+        assert model(torch.zeros(1, 2, *SHAPES[dataset])).shape == (1, 2, 10)
 
 
 @pytest.mark.parametrize("regularizer", options("regularizer"))
@@ -68,19 +74,18 @@ def test_every_regularizer_and_optimizer_builds(regularizer, optimizer):
             "decoupled"  # coupled decay is not what AdamW does: see test_schema
         )
     validate(cfg)
-    regs = build_regularization(cfg["regularizer"])
-    model = build_model(OmegaConf.create(cfg["model"]), (1, 40), 10, regs.dropout_plan())
+    regs, model = built(cfg, (1, 40))
     regs.setup(model)
-    opt = build_optimizer(cfg["optimizer"], model, regs, fused=True, device=torch.device("cpu"))
+    opt = build_optimizer(Stack([Member(cfg, None, None)], cfg["trainer"]), model, regs)
     assert opt.param_groups[0]["lr"] == cfg["optimizer"]["lr"]
-    assert regs.names == ([] if regularizer == "none" else [regularizer])
+    assert regs.names(0) == ([] if regularizer == "none" else [regularizer])
 
 
 def test_several_regularizers_at_once():
     cfg = composed("regularizer=[l2,dropout,label_smoothing,early_stopping]")
     validate(cfg)
-    regs = build_regularization(cfg["regularizer"])
-    assert regs.names == ["l2", "dropout", "early_stopping", "label_smoothing"]
+    regs = build_regularization([cfg["regularizer"]])
+    assert regs.names(0) == ["l2", "dropout", "early_stopping", "label_smoothing"]
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -180,7 +185,7 @@ def test_missing_keys_are_named():
 def test_a_conv_stack_too_deep_for_the_input_is_refused():
     cfg = composed("dataset=digits", "model=cnn", "model.channels=[8,8,8,8]")
     with pytest.raises(ConfigError, match="model.channels"):
-        build_model(OmegaConf.create(cfg["model"]), (1, 8, 8), 10, build_regularization({}).dropout_plan())
+        built(cfg, (1, 8, 8))
 
 
 def test_contradictory_keys_are_refused():

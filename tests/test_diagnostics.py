@@ -73,19 +73,26 @@ def test_prediction_metrics_by_hand():
 # Weight statistics
 
 
-def test_weight_statistics_on_a_hand_set_model():
-    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1), nn.LayerNorm(1))
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[3.0, 0.0], [-4.0, 0.0005]]))
-        model[0].bias.fill_(100.0)  # biases and norm parameters are not weights: they must not count
-        model[2].weight.copy_(torch.tensor([[0.0, 12.0]]))
-    stats = diagnostics.weight_statistics(model)
+def test_weight_statistics_on_hand_set_weights():
+    weights = [torch.tensor([[3.0, 0.0], [-4.0, 0.0005]]), torch.tensor([[0.0, 12.0]])]
+    stats = diagnostics.weight_statistics(weights)
     assert stats["weights/l2"] == pytest.approx(math.sqrt(9 + 16 + 0.0005**2 + 144))  # sqrt(169 + 2.5e-7)
     assert stats["weights/l1"] == pytest.approx(3 + 4 + 0.0005 + 12)
     assert stats["weights/zero_frac"] == pytest.approx(2 / 6)
     assert stats["weights/small_frac"] == pytest.approx(3 / 6)  # the two zeros and 0.0005
-    assert diagnostics.weight_statistics(model, small=1e-4)["weights/small_frac"] == pytest.approx(2 / 6)
-    assert diagnostics.weight_statistics(nn.LayerNorm(3))["weights/l2"] == 0.0  # no weight tensors at all
+    assert diagnostics.weight_statistics(weights, small=1e-4)["weights/small_frac"] == pytest.approx(2 / 6)
+    assert diagnostics.weight_statistics([])["weights/l2"] == 0.0  # no weight tensors at all
+
+
+def test_weight_statistics_of_a_member_leave_biases_out():
+    from reglab.models import Architecture, build_model, member_weights
+    from reglab.regularizers.dropout import DropoutPlan
+
+    arch = Architecture((1, 4), 3, seeds=[0, 1], dropout=[DropoutPlan(), DropoutPlan()])
+    model = build_model({"name": "mlp", "hidden": [5], "activation": "relu"}, arch)
+    weights = member_weights(model, 1)
+    assert [tuple(w.shape) for w in weights] == [(5, 4), (3, 5)]
+    assert weights[0] is model.dense1.weight[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,16 +220,11 @@ def test_plots_are_written_as_png(tmp_path):
     paths = [
         diagnostics.plot_curves(rows, tmp_path / "curves.png", best_epoch=30, onset_epoch=30, stop_epoch=60),
         diagnostics.plot_reliability(logits, targets, tmp_path / "reliability.png"),
-        diagnostics.plot_weight_histogram(model, tmp_path / "nested" / "weights.png"),
         diagnostics.plot_weight_histogram(
-            nn.Linear(2, 2, bias=False).requires_grad_(False).apply(_zero), tmp_path / "zeros.png"
+            [p for p in model.parameters()], tmp_path / "nested" / "weights.png"
         ),
+        diagnostics.plot_weight_histogram([torch.zeros(2, 2)], tmp_path / "zeros.png"),
     ]
     for path in paths:
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         assert path.stat().st_size > 5000
-
-
-def _zero(module: nn.Module) -> None:
-    for parameter in module.parameters():
-        parameter.data.zero_()

@@ -6,14 +6,15 @@ import pytest
 import torch
 from torch import nn
 
+from reglab.models import Architecture, build_model
 from reglab.regularizers.dropout import (
-    ChannelDropout,
-    Dropout,
-    build_dropout,
+    DropoutPlan,
+    StackedDropout,
     channel_dropout,
     dropout,
     max_norm_,
     mc_predict,
+    torch_dropout,
 )
 
 
@@ -75,7 +76,7 @@ def test_invalid_probability_names_the_value(p):
     with pytest.raises(ValueError, match=f"p={p}"):
         dropout(torch.ones(3), p)
     with pytest.raises(ValueError, match=f"p={p}"):
-        ChannelDropout(p)
+        StackedDropout.at("dense", [DropoutPlan(p=p)], [_generator()])
 
 
 @pytest.mark.parametrize(
@@ -111,94 +112,89 @@ def test_channel_dropout_needs_a_spatial_dim():
         channel_dropout(torch.ones(4, 3), 0.5)
 
 
-def test_modules_follow_train_and_eval():
-    x = _positive(8, 4, 6, 6)
-    for layer in (Dropout(0.5), ChannelDropout(0.5)):
-        assert "p=0.5" in repr(layer)
-        assert torch.equal(layer.eval()(x), x)
-        assert (layer.train()(x) == 0).any()
+def _stacked(plans: list[DropoutPlan], where="dense", spatial_dims=0, seeds=None) -> StackedDropout:
+    generators = [_generator(seed) for seed in (seeds or range(len(plans)))]
+    return StackedDropout.at(where, plans, generators, spatial_dims)
 
 
-@pytest.mark.parametrize(
-    ("impl", "spatial_dims", "expected"),
-    [
-        ("scratch", 0, Dropout),
-        ("scratch", 2, ChannelDropout),
-        ("torch", 0, nn.Dropout),
-        ("torch", 1, nn.Dropout1d),
-        ("torch", 2, nn.Dropout2d),
-        ("torch", 3, nn.Dropout3d),
-    ],
-)
-def test_build_dropout(impl, spatial_dims, expected):
-    layer = build_dropout(0.3, impl=impl, spatial_dims=spatial_dims)
-    assert type(layer) is expected and layer.p == 0.3
-    assert isinstance(build_dropout(0.0, impl=impl, spatial_dims=spatial_dims), nn.Identity)
+def test_stacked_dropout_follows_train_and_eval():
+    x = _positive(2, 8, 4, 6, 6)
+    layer = _stacked([DropoutPlan(conv_p=0.5), DropoutPlan(conv_p=0.5, conv_kind="element")], "conv", 2)
+    assert "p=[0.5, 0.5]" in repr(layer)
+    assert torch.equal(layer.eval()(x), x)
+    kept = layer.train()(x) != 0
+    assert torch.equal(kept[0].flatten(2).all(2), kept[0].flatten(2).any(2))  # channel-wise for member 0
+    assert not torch.equal(kept[1].flatten(2).all(2), kept[1].flatten(2).any(2))  # element-wise for member 1
 
 
-@pytest.mark.parametrize("impl", ["scratch", "torch"])
-def test_build_dropout_element_wise_on_feature_maps(impl):
+def test_a_member_drops_exactly_as_alone_whatever_its_neighbours():
+    """Member k's mask comes from its own generator: the same in a stack as in a stack of one."""
+    x = _positive(3, 16, 20)
+    plans = [DropoutPlan(p=0.3), DropoutPlan(), DropoutPlan(p=0.6)]
+    stacked = _stacked(plans)(x)
+    for k, plan in enumerate(plans):
+        alone = _stacked([plan], seeds=[k]) if plan.p else None
+        expected = alone(x[k : k + 1])[0] if alone is not None else x[k]
+        assert torch.equal(stacked[k], expected)
+    assert torch.equal(stacked[1], x[1])  # rate 0: untouched
+
+
+def test_no_layer_when_no_member_drops_there():
+    assert _stacked([DropoutPlan(p=0.5)], "input") is None
+    assert _stacked([DropoutPlan(), DropoutPlan()], "dense") is None
+
+
+@pytest.mark.parametrize("spatial_dims", [0, 1, 2])
+def test_torch_twin_drops_at_rate_p(spatial_dims):
+    x = torch.ones(256, 64, *[3] * spatial_dims)
     torch.manual_seed(0)
-    kept = build_dropout(0.5, impl=impl, spatial_dims=0)(_positive(4, 8, 6, 6)) != 0
-    mixed_channels = kept.flatten(2).any(2) & ~kept.flatten(2).all(2)
-    assert mixed_channels.all()
+    kept = torch_dropout(x, 0.4, spatial_dims) != 0
+    assert abs(1 - kept.float().mean().item() - 0.4) < 0.02
+    if spatial_dims:
+        assert torch.equal(kept.flatten(2).all(2), kept.flatten(2).any(2))
 
 
-@pytest.mark.parametrize(
-    ("key", "kwargs"), [("impl", {"impl": "keras"}), ("spatial_dims", {"spatial_dims": 4})]
-)
-def test_build_dropout_rejects_unknown_arguments(key, kwargs):
-    value = next(iter(kwargs.values()))
-    with pytest.raises(ValueError, match=rf"{key}={value!r}.*allowed values"):
-        build_dropout(0.5, **kwargs)
-
-
-def _mc_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(5, 32),
-        nn.BatchNorm1d(32),
-        nn.ReLU(),
-        Dropout(0.5),
-        nn.Linear(32, 32),
-        nn.Dropout(0.5),
-        nn.Linear(32, 4),
-    )
+def _mc_model(plans) -> torch.nn.Module:
+    arch = Architecture((1, 5), 4, seeds=list(range(len(plans))), dropout=plans)
+    return build_model({"name": "mlp", "hidden": [32, 32], "activation": "relu"}, arch)
 
 
 @pytest.mark.parametrize("train_before", [True, False])
 def test_mc_predict(train_before):
-    model = _mc_model().train(train_before)
+    model = _mc_model([DropoutPlan(p=0.5), DropoutPlan(p=0.5, impl="torch")]).train(train_before)
     x = torch.randn(16, 5, generator=_generator())
-    batchnorm = model[1]
-    running_mean = batchnorm.running_mean.clone()
     modes = [m.training for m in model.modules()]
 
-    torch.manual_seed(1)
-    mean_probs, entropy = mc_predict(model, x, samples=20)
+    mean_probs, entropy = mc_predict(model, x, samples=20, batch_size=5, members=2)
 
+    assert mean_probs.shape == (2, 16, 4) and entropy.shape == (2, 16)
     assert [m.training for m in model.modules()] == modes
-    assert torch.equal(batchnorm.running_mean, running_mean)  # batch norm ran in eval mode
-    torch.testing.assert_close(mean_probs.sum(-1), torch.ones(16))
+    torch.testing.assert_close(mean_probs.sum(-1), torch.ones(2, 16))
     torch.testing.assert_close(entropy, torch.distributions.Categorical(probs=mean_probs).entropy())
     with torch.no_grad():
-        deterministic = torch.softmax(model.eval()(x), -1)
-    assert not torch.allclose(mean_probs, deterministic)  # both dropout kinds were sampling
+        deterministic = torch.softmax(model.eval()(x.expand(2, 16, 5)), -1)
+    assert not torch.allclose(mean_probs[0], deterministic[0])  # scratch dropout was sampling
+    assert not torch.allclose(mean_probs[1], deterministic[1])  # built-in dropout too
 
 
-def test_mc_predict_turns_on_torch_and_scratch_dropout():
-    for layer in (Dropout(0.5), nn.Dropout(0.5), nn.Dropout2d(0.5)):
-        model = nn.Sequential(layer, nn.Flatten()).eval()
-        x = torch.ones(2, 3, 4, 4)
-        torch.manual_seed(0)
-        one_pass, _ = mc_predict(model, x, samples=1)
-        assert not torch.allclose(one_pass, torch.softmax(x.flatten(1), -1))
-        assert not layer.training
+def test_mc_predict_of_one_member_leaves_the_others_alone():
+    model = _mc_model([DropoutPlan(p=0.5), DropoutPlan(p=0.5)])
+    x = torch.randn(8, 5, generator=_generator())
+    states = [
+        layer.generators[1].get_state() for layer in model.modules() if isinstance(layer, StackedDropout)
+    ]
+    probs, _ = mc_predict(model, x, samples=3, batch_size=8, members=2, only=0)
+    after = [
+        layer.generators[1].get_state() for layer in model.modules() if isinstance(layer, StackedDropout)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(states, after, strict=True))  # member 1 drew nothing
+    with torch.no_grad():
+        torch.testing.assert_close(probs[1], torch.softmax(model.eval()(x.expand(2, 8, 5)), -1)[1])
 
 
 def test_mc_predict_rejects_zero_samples():
     with pytest.raises(ValueError, match="samples=0"):
-        mc_predict(_mc_model(), torch.zeros(2, 5), samples=0)
+        mc_predict(_mc_model([DropoutPlan(p=0.5)]), torch.zeros(2, 5), samples=0, batch_size=2, members=1)
 
 
 def _scaled_up(module: nn.Module) -> nn.Module:
@@ -208,47 +204,50 @@ def _scaled_up(module: nn.Module) -> nn.Module:
     return module
 
 
-@pytest.mark.parametrize(
-    ("layer", "unit_dim"),
-    [
-        (nn.Linear(20, 10), 0),
-        (nn.Conv2d(3, 8, 3), 0),
-        (nn.Conv1d(4, 6, 5, groups=2), 0),
-        (nn.ConvTranspose2d(3, 8, 3), 1),
-    ],
-)
-def test_max_norm_matches_torch_renorm(layer, unit_dim):
+@pytest.mark.parametrize("layer", [nn.Linear(20, 10), nn.Conv2d(3, 8, 3), nn.Conv1d(4, 6, 5)])
+def test_max_norm_matches_torch_renorm(layer):
     torch.manual_seed(0)
     layer = _scaled_up(layer)
-    expected = torch.renorm(layer.weight.detach(), p=2, dim=unit_dim, maxnorm=2.0)
-    bias = layer.bias.detach().clone()
-    max_norm_(nn.Sequential(layer), 2.0)
+    expected = torch.renorm(layer.weight.detach(), p=2, dim=0, maxnorm=2.0)
+    max_norm_([layer.weight], 2.0)
     # renorm adds a 1e-7 guard to the norm, so agreement is to float32 precision, not bitwise.
     torch.testing.assert_close(layer.weight.detach(), expected, rtol=1e-5, atol=1e-6)
-    assert torch.equal(layer.bias, bias)
-
-
-def test_max_norm_grouped_transposed_conv():
-    torch.manual_seed(0)
-    layer = _scaled_up(nn.ConvTranspose1d(4, 6, 3, groups=2))  # weight (4, 3, 3): 2 groups of 2 inputs
-    max_norm_(layer, 1.0)
-    w = layer.weight.detach()
-    norms = [w[2 * (out // 3) : 2 * (out // 3) + 2, out % 3].norm() for out in range(6)]
-    assert max(norms) <= 1.0 + 1e-6
-    assert min(norms) > 0.99  # every output channel was above the bound, so each now sits on it
 
 
 def test_max_norm_leaves_small_units_alone():
-    layer = nn.Linear(4, 3)
-    with torch.no_grad():
-        layer.weight.copy_(torch.tensor([[3.0, 4.0, 0, 0], [0.1, 0, 0, 0], [0, 0, 0, 0]]))
-    max_norm_(layer, 1.0)
-    torch.testing.assert_close(
-        layer.weight.detach(), torch.tensor([[0.6, 0.8, 0, 0], [0.1, 0, 0, 0], [0, 0, 0, 0]])
-    )
+    weight = torch.tensor([[3.0, 4.0, 0, 0], [0.1, 0, 0, 0], [0, 0, 0, 0]])
+    max_norm_([weight], 1.0)
+    torch.testing.assert_close(weight, torch.tensor([[0.6, 0.8, 0, 0], [0.1, 0, 0, 0], [0, 0, 0, 0]]))
 
 
 @pytest.mark.parametrize("c", [0.0, -1.0])
 def test_max_norm_rejects_non_positive_bound(c):
     with pytest.raises(ValueError, match=f"c={c}"):
-        max_norm_(nn.Linear(2, 2), c)
+        max_norm_([torch.ones(2, 2)], c)
+
+
+@pytest.mark.parametrize("output_layer", [False, True])
+def test_max_norm_constrains_hidden_units_and_the_output_layer_only_when_asked(output_layer):
+    """Srivastava et al. bound the incoming weights of hidden units; the output layer is an option."""
+    from reglab.regularizers import build_regularization
+
+    node = {
+        "p": 0.0,
+        "input_p": 0.0,
+        "conv_p": None,
+        "conv_kind": "channel",
+        "impl": "scratch",
+        "mc_samples": 0,
+    }
+    regs = build_regularization([{"dropout": {**node, "max_norm": 0.5, "max_norm_output": output_layer}}])
+    model = _mc_model(regs.dropout_plans())
+    regs.setup(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(100)
+    regs.after_step([0.1])
+    row_norms = [
+        p.norm(dim=1).max().item() for name, p in model.named_parameters() if name.endswith("weight.0")
+    ]
+    assert all(norm <= 0.5 + 1e-6 for norm in row_norms[:-1])
+    assert (row_norms[-1] <= 0.5 + 1e-6) == output_layer

@@ -245,9 +245,8 @@ def test_a_checkpoint_of_another_model_gives_a_clear_error(tmp_path, data_root):
 
 
 def test_last_weights_are_the_final_ones_even_when_early_stopping_restores(tmp_path, data_root):
-    from omegaconf import OmegaConf
-
-    from reglab.models import DropoutPlan, build_model
+    from reglab.models import Architecture, build_model, load_member_state, predict
+    from reglab.regularizers.dropout import DropoutPlan
 
     run_dir = tmp_path / "run"
     run_train(
@@ -267,16 +266,16 @@ def test_last_weights_are_the_final_ones_even_when_early_stopping_restores(tmp_p
 
     data = load_dataset(mnist1d_config(str(data_root)))
     model = build_model(
-        OmegaConf.create({"name": "mlp", "hidden": [100, 100], "activation": "relu"}),
-        (1, 40),
-        10,
-        DropoutPlan(),
+        {"name": "mlp", "hidden": [100, 100], "activation": "relu"},
+        Architecture((1, 40), 10, seeds=[0], dropout=[DropoutPlan()]),
     )
     accuracy = {}
     for name in ("best", "last"):
-        model.load_state_dict(torch.load(run_dir / f"{name}.pt", weights_only=True))
+        load_member_state(model, 0, torch.load(run_dir / f"{name}.pt", weights_only=True))
         with torch.no_grad():
-            accuracy[name] = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+            accuracy[name] = (
+                (predict(model, data.x_test, 1)[0].argmax(1) == data.y_test).float().mean().item()
+            )
     assert accuracy["last"] == pytest.approx(summary["test/last_acc"])
     assert accuracy["best"] == pytest.approx(summary["test/acc"])  # the restored, evaluated model
     assert summary["best_epoch"] < summary["epochs_run"]  # so the two differ: the test can tell them apart

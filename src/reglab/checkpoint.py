@@ -1,45 +1,67 @@
 """Resumable checkpoints: everything needed to continue a run exactly where it stopped.
 
-A checkpoint holds the model, optimizer, scheduler, the regularizers' state (early stopping's best score and best
-weights), the RNG states (global torch for init/dropout, the batch-order generator), the epoch and the W&B run id.
-It is written atomically (write then rename), so a crash mid-write never corrupts the last good one, and loaded with
-`weights_only=True`, so a foreign file cannot run code. On CPU a resumed run ends with exactly the metrics of an
-uninterrupted one.
+Every member of a stack has its own checkpoint in its own run directory, so that a job resumes whatever stack it
+lands in next time (another `max_stack`, or alone). A checkpoint holds the member's weights and optimizer state,
+its techniques' state (early stopping's best score and best weights), its epoch, its generators (batch order and
+dropout masks) and the process-wide ones (torch's global generator for built-in dropout, CUDA's, Python's
+`random` and NumPy's: nothing draws from the last two today, but the next technique that does must not silently
+break exact resume), and the W&B run id. Each file is written atomically (write then rename), so a crash mid-write
+never corrupts the last good one, and loaded with `weights_only=True`, so a foreign file cannot run code. On CPU a
+resumed run ends with exactly the metrics of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from reglab.errors import FINISHED, CheckpointError
+from reglab.models import MemberView, member_parameters
 from reglab.tracking import write_atomic
 
-FORMAT = "reglab-checkpoint-1"
+FORMAT = "reglab-checkpoint-2"
 FILENAME = "checkpoint.pt"
 SKIPPED_ON_RESUME = (*FINISHED, "diverged")  # a diverged run would diverge again: resuming a sweep skips it
 
 
-def save(state, model, optimizer, scheduler, regs) -> Path:
+def save_stack(stack, model, optimizer, regs) -> None:
+    """A checkpoint for every member still training."""
+    for k, member in stack.running():
+        save(member, k, model, optimizer, regs)
+
+
+def save(member, k: int, model, optimizer, regs) -> Path:
     payload = {
         "format": FORMAT,
-        "epoch": state.epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "regularizers": regs.state_dict(),
-        "best_tracker": state.best.state_dict(),
+        "epoch": member.epoch,
+        "model": MemberView(model, k).state_dict(),
+        "optimizer": {
+            name: optimizer.state[p] for name, p in member_parameters(model, k) if p in optimizer.state
+        },
+        "regularizers": regs.state_dict(k),
+        "best_tracker": member.best.state_dict(),
+        "rng_batches": member.batch_generator.get_state(),
+        "rng_noise": member.noise_generator.get_state(),
         "rng_torch": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "rng_batches": state.batch_generator.get_state(),
-        "train_time_s": state.train_time_s,
-        "wandb_id": state.wandb_id,
+        "rng_python": json.dumps(random.getstate()),
+        "rng_numpy": json.dumps(_numpy_state()),
+        "history_epochs": len(member.history),
+        "train_time_s": member.train_time_s,
+        "wandb_id": member.wandb_id,
     }
-    path = state.run_dir / FILENAME
+    path = member.run_dir / FILENAME
     write_atomic(path, lambda f: torch.save(payload, f))
     return path
+
+
+def _numpy_state() -> list:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [kind, keys.tolist(), pos, has_gauss, gauss]
 
 
 def load(path: Path) -> dict:
@@ -59,40 +81,57 @@ def load(path: Path) -> dict:
     return payload
 
 
-def resume(resume_from, run_dir: Path, model, optimizer, scheduler, regs, state) -> bool:
-    """Restore a run from its checkpoint. With resume=true and no checkpoint yet, start fresh (returns False)."""
-    path = run_dir / FILENAME if resume_from is True else Path(resume_from)
-    if resume_from is True and not path.exists():
-        clear_stale_files(run_dir)
-        return False
+def load_for_resume(member) -> dict | None:
+    """The member's checkpoint when it resumes, with its epoch set; None for a fresh start (stale files removed).
+    With resume=true and no checkpoint yet, the member starts fresh."""
+    resume_from = member.cfg["trainer"]["resume"]
+    path = member.run_dir / FILENAME if resume_from is True else Path(resume_from) if resume_from else None
+    if path is None or (resume_from is True and not path.exists()):
+        clear_stale_files(member.run_dir)
+        return None
     payload = load(path)
+    payload["path"] = str(path)
+    member.epoch = payload["epoch"]
+    return payload
+
+
+def restore(payload: dict, k: int, member, model, optimizer, regs) -> None:
+    """Put member k back where its checkpoint left it."""
+    path = Path(payload["path"])
     try:
-        restore(payload, model, optimizer, scheduler, regs, state)
-    except (RuntimeError, ValueError, KeyError) as err:
+        MemberView(model, k).load_state_dict(payload["model"])
+        params = dict(member_parameters(model, k))
+        for name, state in payload["optimizer"].items():
+            optimizer.state[params[name]] = {
+                key: value.to(params[name].device) for key, value in state.items()
+            }
+        regs.load_state_dict(k, payload["regularizers"])
+        member.best.load_state_dict(payload["best_tracker"])
+    except (RuntimeError, ValueError, KeyError, AttributeError) as err:
         raise CheckpointError(
             f"trainer.resume: {path} does not fit this config (another model, optimizer or regularizer?): "
             f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         ) from err
-    # a checkpoint from another directory brings its metrics along
-    state.history = truncate_metrics(path.parent / "metrics.jsonl", run_dir / "metrics.jsonl", state.epoch)
-    print(f"[reglab] resumed from {path} at epoch {state.epoch}")
-    return True
-
-
-def restore(payload: dict, model, optimizer, scheduler, regs, state) -> None:
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    if scheduler is not None and payload["scheduler"] is not None:
-        scheduler.load_state_dict(payload["scheduler"])
-    regs.load_state_dict(payload["regularizers"])
-    state.best.load_state_dict(payload["best_tracker"])
+    member.batch_generator.set_state(payload["rng_batches"])
+    member.noise_generator.set_state(payload["rng_noise"])
     torch.set_rng_state(payload["rng_torch"])
     if payload["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["rng_cuda"])
-    state.batch_generator.set_state(payload["rng_batches"])
-    state.epoch = payload["epoch"]
-    state.train_time_s = payload["train_time_s"]
-    state.wandb_id = payload["wandb_id"]
+    random.setstate(_as_tuples(json.loads(payload["rng_python"])))
+    kind, keys, pos, has_gauss, gauss = json.loads(payload["rng_numpy"])
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    member.train_time_s = payload["train_time_s"]
+    member.wandb_id = payload["wandb_id"]
+    # a checkpoint from another directory brings its metrics along
+    member.history = truncate_metrics(
+        path.parent / "metrics.jsonl", member.run_dir / "metrics.jsonl", member.epoch
+    )
+    print(f"[reglab] resumed {member.run_dir} from {path} at epoch {member.epoch}")
+
+
+def _as_tuples(value):
+    """JSON turned random.getstate()'s tuples into lists; setstate wants them back."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def truncate_metrics(source: Path, target: Path, epochs: int) -> list[dict]:

@@ -61,6 +61,66 @@ def main(cfg: DictConfig) -> float:
         raise SystemExit(2) from None
 
 
+def prepare_member(cfg: DictConfig):
+    """The stacked launcher's per-job set-up (inside Hydra's `run_job`): validate, and return the job as a stack
+    `Member`, or None when its config is bad (recorded as a failed job, as in any multirun)."""
+    hydra = HydraConfig.get()
+    run_dir = Path(hydra.runtime.output_dir)
+    try:
+        plain = resolved(cfg)
+        validate(plain)
+    except BAD_INPUT as err:
+        print(f"reglab: error: {err}", file=sys.stderr)
+        record_bad_input(run_dir, err, list(hydra.overrides.task))
+        return None
+    from reglab.loop import Member
+
+    return Member(cfg=plain, run_dir=run_dir, job=job_facts(hydra, multirun=True))
+
+
+def train_members(members: dict, max_stack: int, sweep_dir: str) -> dict[int, float]:
+    """Train prepared jobs (job number -> Member) in stacks; returns each job's objective."""
+    from reglab.loop import Interrupted, train_stack
+    from reglab.stacking import group_into_stacks
+
+    stacks, apart = group_into_stacks({idx: m.cfg for idx, m in members.items()}, max_stack)
+    print(f"[reglab] stacked launcher: {len(members)} jobs in {len(stacks)} stack(s) of at most {max_stack}")
+    for line in apart:
+        print(f"[reglab] {line}")
+    gc.collect()
+    gc.freeze()
+    objectives = {}
+    for number, jobs in enumerate(stacks):
+        for idx in jobs:
+            members[idx].job.stack = {"id": number, "jobs": jobs}
+        print(f"[reglab] stack {number}: jobs {jobs[0]}..{jobs[-1]} ({len(jobs)}) training")
+        try:
+            results = train_stack([members[idx] for idx in jobs])
+        except Interrupted as stop:
+            print(
+                f"[reglab] {stop}: checkpoints written; continue with the same overrides plus "
+                f"trainer.resume=true -m hydra.sweep.dir={sweep_dir}"
+            )
+            raise SystemExit(128 + signal.Signals[str(stop)].value) from None
+        objectives.update(zip(jobs, results, strict=True))
+        for idx in jobs:
+            print_job_line(idx, members[idx])
+    return objectives
+
+
+def print_job_line(idx: int, member) -> None:
+    summary = member.summary or {}
+    if summary.get("test/acc") is None:
+        print(
+            f"[reglab] job {idx}: {summary.get('status')} {summary.get('error') or summary.get('stop_reason') or ''}"
+        )
+        return
+    print(
+        f"[reglab] job {idx}: {summary['status']} after {summary['epochs_run']} epochs, "
+        f"val {100 * summary['val/acc']:.1f}%, test {100 * summary['test/acc']:.1f}% ({member.run_dir})"
+    )
+
+
 def resolved(cfg: DictConfig) -> dict:
     """The config as plain containers; a broken interpolation becomes a ConfigError like any other bad value."""
     try:

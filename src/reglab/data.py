@@ -25,7 +25,8 @@ TORCHVISION_SETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10"
 
 @dataclass
 class DataSplits:
-    """Train / validation / test tensors of one data set."""
+    """Train / validation / test tensors of one data set. For a stack of K members, `y_train` is [K, N]: the inputs
+    are shared, the training labels are each member's own (they differ under `dataset.label_noise`)."""
 
     name: str
     x_train: Tensor
@@ -46,6 +47,7 @@ class DataSplits:
         return self.x_test, self.y_test
 
     def splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Each split's inputs and labels (a stack's training labels are [K, N])."""
         return {"train": (self.x_train, self.y_train), "val": (self.x_val, self.y_val), "test": self.test}
 
     def to(self, device: torch.device, keep_train_on_host: bool = False) -> DataSplits:
@@ -55,6 +57,18 @@ class DataSplits:
             k: v.to(device) if isinstance(v, Tensor) and k not in host else v for k, v in vars(self).items()
         }
         return DataSplits(**moved)
+
+
+def load_stack_data(nodes: list) -> DataSplits:
+    """The splits for a stack: one `dataset` config node per member, alike but for `label_noise`."""
+    loaded = {}
+    for node in nodes:
+        key = node["label_noise"]
+        if key not in loaded:
+            loaded[key] = load_dataset(node)
+    first = loaded[nodes[0]["label_noise"]]
+    y_train = torch.stack([loaded[node["label_noise"]].y_train for node in nodes])
+    return DataSplits(**{**vars(first), "y_train": y_train})
 
 
 def mnist1d_config(root, **changes) -> dict:

@@ -18,7 +18,7 @@ from statistics import median
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 UNDERFIT_TRAIN_ACC = 0.8  # below this training accuracy the model has not even fit its training data
 WELL_CALIBRATED_ECE = 0.03  # ECE under 3 points: confidence matches accuracy about as well as models get
@@ -82,18 +82,13 @@ def prediction_metrics(logits: Tensor, targets: Tensor, n_bins: int = 15) -> dic
 # Weight statistics
 
 
-def _weight_tensors(model: nn.Module) -> list[Tensor]:
-    """The parameters that regularizers act on: matrices and conv kernels (ndim >= 2), not biases or norms."""
-    return [parameter.detach() for parameter in model.parameters() if parameter.ndim >= 2]
-
-
-def weight_statistics(model: nn.Module, small: float = 1e-3) -> dict[str, float]:
-    """Size and sparsity of the weight tensors (ndim >= 2; biases and norm parameters are left out).
+def weight_statistics(weights: Sequence[Tensor], small: float = 1e-3) -> dict[str, float]:
+    """Size and sparsity of one model's weight tensors (matrices and kernels, ndim >= 2: `models.member_weights`).
 
     "weights/l2" = sqrt(Σw²) (the Euclidean norm, not its square), "weights/l1" = Σ|w|, "weights/zero_frac" =
     fraction of weights exactly 0, "weights/small_frac" = fraction with |w| < `small`. One host sync in all.
     """
-    weights = _weight_tensors(model)
+    weights = [w.detach() for w in weights]
     if not weights:
         return {"weights/l2": 0.0, "weights/l1": 0.0, "weights/zero_frac": 0.0, "weights/small_frac": 0.0}
     per_tensor = [
@@ -385,12 +380,12 @@ def plot_reliability(logits: Tensor, targets: Tensor, path: str | Path, n_bins: 
     return _save(figure, path)
 
 
-def plot_weight_histogram(model: nn.Module, path: str | Path, n_bins: int = 60) -> Path:
-    """weights.png: histogram of |w| (log x axis) over the weight tensors (ndim >= 2), with the fraction of exact
-    zeros (which a log axis cannot show) in the title and the 1e-3 "small" threshold marked. Returns `path`."""
+def plot_weight_histogram(weights: Sequence[Tensor], path: str | Path, n_bins: int = 60) -> Path:
+    """weights.png: histogram of |w| (log x axis) over one model's weight tensors (ndim >= 2), with the fraction of
+    exact zeros (which a log axis cannot show) in the title and the 1e-3 "small" threshold marked. Returns `path`."""
     from matplotlib.figure import Figure
 
-    weights = _weight_tensors(model)
+    weights = [w.detach() for w in weights]
     magnitudes = torch.cat([w.flatten().float().cpu() for w in weights]).abs() if weights else torch.zeros(0)
     zero_frac = (magnitudes == 0).float().mean().item() if magnitudes.numel() else 0.0
     log_magnitudes = magnitudes[magnitudes > 0].log10()

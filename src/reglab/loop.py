@@ -1,12 +1,18 @@
 """The training loop: set-up, data, model, optimizer, epochs, evaluation, record. Read it top to bottom.
 
-`train(cfg, run_dir, job)` runs one configuration and returns the validation objective (the evaluated model's
-val/loss), so that Optuna-style sweepers can minimize it. It knows Hydra only through the plain `cfg` dict and the
-`Job` facts the entrypoint hands over, and regularization only through the hooks of `reglab.regularizers`.
+One loop trains a *stack*: K members of one architecture side by side, each member one job of a sweep with its own
+directory, seed, learning rate and regularization (models.py explains the stacked layers). An ordinary run is the
+stack of one, `train(cfg, run_dir, job)`; the stacked launcher (hydra_plugins/reglab_stacked) calls `train_stack`
+with many. Every record is written as if each member had trained alone, and on the CPU a member's metrics and
+weights equal its one-by-one run bit for bit (tests/test_stack.py), because nothing a member computes depends on
+the others: its own parameter tensors and optimizer state, its own generators for initialization, batch order and
+dropout masks, its own loss (the stack minimizes the *sum* of the members' losses, whose gradient for member k is
+member k's own). A member that diverges or stops early is finished on the spot and drops out of the updates.
 
-Speed (small models are overhead-bound, so the loop's own overhead is the cost): the data live on the training
-device and batches come from `randperm` indexing; the step never syncs with the host (losses are stacked and read
-once per epoch); evaluation is one large-batch pass under `inference_mode`, from which every diagnostic is computed.
+The loop knows Hydra only through the plain `cfg` dicts and the `Job` facts, and regularization only through the
+hooks of `reglab.regularizers`. Speed (small models are overhead-bound, so the loop's own overhead is the cost):
+the data live on the training device and batches come from `randperm` indexing; the step never syncs with the host
+(losses are stacked and read once per epoch); evaluation is one large-batch pass under `inference_mode`.
 """
 
 from __future__ import annotations
@@ -26,101 +32,165 @@ import torch
 from torch import Tensor, nn
 
 from reglab import checkpoint, diagnostics
-from reglab.data import DataSplits, load_dataset, shift_and_flip
+from reglab.data import DataSplits, load_stack_data, shift_and_flip
 from reglab.errors import BAD_INPUT, FINISHED
-from reglab.models import build_model
+from reglab.models import Architecture, MemberView, build_model, member_weights, predict
 from reglab.regularizers import Regularization, build_regularization
 from reglab.regularizers.early_stopping import EarlyStopping
-from reglab.tracking import RunRecord, start_wandb, write_summary
+from reglab.regularizers.l1_l2 import member_decay_split
+from reglab.tracking import RunRecord, resolve_wandb_mode, start_wandb, write_summary
 
 FIT_ACCURACY = 0.99  # `fit_epoch`: the first epoch with this training accuracy (how fast a model memorizes)
 
 
 @dataclass
 class Job:
-    """What the entrypoint knows about this job beyond its config."""
+    """What the entrypoint (or the stacked launcher) knows about a job beyond its config."""
 
     overrides: list[str] = field(default_factory=list)
     group: str | None = None  # the sweep's name; W&B groups a sweep's runs by it
     multirun: bool = False
-    parallel: bool = False  # started by a parallel launcher (joblib, submitit): stay quiet
+    parallel: bool = False  # started by a parallel launcher (joblib, submitit) or in a stack: stay quiet
+    stack: dict | None = None  # {"id": ..., "jobs": [...]} when trained in a stack with other jobs
 
 
 class Interrupted(Exception):
-    """SIGTERM, SIGUSR2 or Ctrl-C arrived; a resumable checkpoint was written."""
+    """SIGTERM, SIGUSR2 or Ctrl-C arrived; a resumable checkpoint was written for every member still training."""
+
+
+@dataclass
+class Member:
+    """One job of the stack: its config and directory, and everything about it that changes while it trains."""
+
+    cfg: dict
+    run_dir: Path
+    job: Job
+    epoch: int = 0  # epochs completed
+    history: list[dict] = field(default_factory=list)
+    status: str = "running"
+    stop_reason: str | None = None
+    train_time_s: float = 0.0
+    wandb_id: str | None = None
+    batch_generator: torch.Generator = field(default_factory=torch.Generator)  # batch order, augmentation
+    noise_generator: torch.Generator | None = None  # dropout masks (on the training device)
+    best: EarlyStopping | None = None  # tracks the best val/loss epoch for best.pt, never stops training
+    record: RunRecord | None = None
+    summary: dict | None = None
+    started: float = field(default_factory=time.perf_counter)  # wall_time_s counts from here
+
+    @property
+    def seed(self) -> int:
+        return self.cfg["trainer"]["seed"]
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+
+@dataclass
+class Stack:
+    """The members trained together, and what they share."""
+
+    members: list[Member]
+    trainer: dict  # the same for every member (only trainer.seed may differ)
+    device: torch.device = torch.device("cpu")
+    stop_requested: str | None = None
+
+    def running(self) -> list[tuple[int, Member]]:
+        return [(k, m) for k, m in enumerate(self.members) if m.running]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# One run
+# One stack
 
 
 def train(cfg: dict, run_dir: Path, job: Job) -> float:
     """Train one configuration in `run_dir`; returns the evaluated model's val/loss (NaN when the run failed)."""
-    state = TrainState(cfg=cfg, run_dir=Path(run_dir), job=job)
-    if cfg["trainer"]["resume"] and (done := checkpoint.finished_summary(state.run_dir)):
-        print(f"[reglab] {state.run_dir} already finished ({done['status']}): skipped")
-        return objective(done)
-    record = None
-    try:
-        model, data, optimizer, scheduler, regs = prepare(state)
-        record = RunRecord(state.run_dir, start_wandb_for(state, regs), log_images=log_plots(cfg))
-        with stop_on_signals(state):
-            fit(model, data, optimizer, scheduler, regs, state, record)
-        return objective(finish(model, data, regs, state, record))
-    except (*BAD_INPUT, Interrupted):
-        raise  # bad input is the entrypoint's to report; an interrupted run has its checkpoint
-    except Exception as err:
-        state.status = "failed"
-        summary = failure_summary(state, err)
-        write_summary(state.run_dir, summary, getattr(record, "wandb_run", None))
-        if should_raise(cfg["trainer"]["on_error"], job):
-            raise
-        print(
-            f"[reglab] job failed: {summary['error']} (recorded in {state.run_dir / 'summary.json'}; "
-            "the sweep goes on)"
-        )
-        return math.nan
-    finally:
-        if record is not None:  # also after a second Ctrl-C: W&B runs are always finished
-            # an interrupted run is not a failed one: it will be resumed into the same W&B run
-            record.finish(failed=state.status not in FINISHED and not state.stop_requested)
+    return train_stack([Member(cfg=cfg, run_dir=Path(run_dir), job=job)])[0]
 
 
-def prepare(state: TrainState):
-    """Process settings, data, regularizers, model, optimizer and scheduler; restored from a checkpoint on resume."""
-    cfg = state.cfg
-    state.device = setup_process(cfg["trainer"])
-    host_train = cfg["trainer"]["loader"] == "dataloader"
-    data = load_dataset(cfg["dataset"]).to(state.device, keep_train_on_host=host_train)
-    regs = build_regularization(cfg["regularizer"])
-    plan = regs.dropout_plan()
-    model = build_model(cfg["model"], data.input_shape, data.num_classes, plan).to(state.device)
+def train_stack(members: list[Member]) -> list[float]:
+    """Train the members side by side; returns each one's validation objective (NaN for a failed member)."""
+    todo = [m for m in members if not already_finished(m)]
+    if todo:
+        stack = Stack(members=todo, trainer=todo[0].cfg["trainer"])
+        try:
+            model, data, optimizer, regs = prepare(stack)
+            start_records(stack, regs)
+            with stop_on_signals(stack):
+                fit(model, data, optimizer, regs, stack)
+        except (*BAD_INPUT, Interrupted):
+            raise  # bad input is the entrypoint's to report; an interrupted stack has its checkpoints
+        except Exception as err:
+            fail_unfinished(stack, err)
+        finally:
+            for m in todo:  # also after a second Ctrl-C: W&B runs are always finished
+                if m.record is not None:
+                    # an interrupted run is not a failed one: it will be resumed into the same W&B run
+                    m.record.finish(failed=m.status not in FINISHED and not stack.stop_requested)
+    return [objective(m.summary) if m.summary else math.nan for m in members]
+
+
+def already_finished(member: Member) -> bool:
+    if member.cfg["trainer"]["resume"] and (done := checkpoint.finished_summary(member.run_dir)):
+        print(f"[reglab] {member.run_dir} already finished ({done['status']}): skipped")
+        member.summary, member.status = done, done["status"]
+        return True
+    return False
+
+
+def prepare(stack: Stack):
+    """Process settings, data, regularizers, model and optimizer; each member restored from its checkpoint on resume."""
+    cfg = stack.members[0].cfg
+    stack.device = setup_process(stack.trainer, stack.members[0].seed)
+    data = load_stack_data([m.cfg["dataset"] for m in stack.members])
+    data = data.to(stack.device, keep_train_on_host=stack.trainer["loader"] == "dataloader")
+    regs = build_regularization([m.cfg["regularizer"] for m in stack.members])
+    for m in stack.members:
+        m.batch_generator.manual_seed(m.seed)  # the batch order; a resume restores its state
+        m.noise_generator = torch.Generator(stack.device).manual_seed(m.seed)
+        m.best = EarlyStopping(monitor="val/loss", patience=stack.trainer["epochs"] + 1, check_finite=False)
+    arch = Architecture(
+        data.input_shape, data.num_classes, [m.seed for m in stack.members], regs.dropout_plans()
+    )
+    model = build_model(cfg["model"], arch, [m.noise_generator for m in stack.members]).to(stack.device)
     regs.setup(model)
-    optimizer = build_optimizer(
-        cfg["optimizer"], model, regs, cfg["trainer"]["fused_optimizer"], state.device
-    )
-    scheduler = build_scheduler(cfg["trainer"], optimizer)
-    state.best = EarlyStopping(monitor="val/loss", patience=cfg["trainer"]["epochs"] + 1, check_finite=False)
-    state.batch_generator.manual_seed(cfg["trainer"]["seed"])  # the batch order; a resume restores its state
-    if cfg["trainer"]["resume"]:
-        checkpoint.resume(cfg["trainer"]["resume"], state.run_dir, model, optimizer, scheduler, regs, state)
-    else:
-        checkpoint.clear_stale_files(state.run_dir)
-    return model, data, optimizer, scheduler, regs
+    saved = [checkpoint.load_for_resume(m) for m in stack.members]  # before the optimizer: it groups by epoch
+    optimizer = build_optimizer(stack, model, regs)
+    for k, (m, payload) in enumerate(zip(stack.members, saved, strict=True)):
+        if payload is not None:
+            checkpoint.restore(payload, k, m, model, optimizer, regs)
+    return model, data, optimizer, regs
 
 
-def start_wandb_for(state: TrainState, regs: Regularization):
+def start_records(stack: Stack, regs: Regularization) -> None:
+    """Each member's metrics file and W&B run. When W&B cannot start online (a bounded wait, then offline), the
+    members after it go offline at once, so that a stack of K never waits K times."""
+    offline = False
+    for k, m in enumerate(stack.members):
+        run = start_wandb_for(m, regs.names(k), offline)
+        asked_online = (
+            resolve_wandb_mode(m.cfg["logger"].get("wandb", {}).get("mode", "disabled")) == "online"
+        )
+        offline = offline or (run is not None and run.offline and asked_online)
+        m.record = RunRecord(m.run_dir, run, log_images=log_plots(m.cfg))
+
+
+def start_wandb_for(member: Member, techniques: list[str], offline: bool = False):
+    logger = member.cfg["logger"]
+    if offline:
+        logger = {**logger, "wandb": {**logger["wandb"], "mode": "offline"}}
     run = start_wandb(
-        state.cfg["logger"],
-        run_dir=state.run_dir,
-        name=run_name(state.job.overrides),
-        group=state.job.group,
-        job_type="+".join(regs.names) or "none",  # W&B filters and colours runs by technique
-        config=flatten(state.cfg, ""),  # dotted keys: the same names W&B sweeps set, so they never collide
-        tags=regs.names or ["none"],
-        resume_id=state.wandb_id,
+        logger,
+        run_dir=member.run_dir,
+        name=run_name(member.job.overrides),
+        group=member.job.group,
+        job_type="+".join(techniques) or "none",  # W&B filters and colours runs by technique
+        config=flatten(member.cfg, ""),  # dotted keys: the same names W&B sweeps set, so they never collide
+        tags=techniques or ["none"],
+        resume_id=member.wandb_id,
     )
-    state.wandb_id = getattr(run, "id", None)
+    member.wandb_id = getattr(run, "id", None)
     return run
 
 
@@ -134,191 +204,273 @@ def objective(summary: dict) -> float:
     return math.nan if value is None else value
 
 
-@dataclass
-class TrainState:
-    """Everything that changes while training, and what a checkpoint must restore."""
-
-    cfg: dict
-    run_dir: Path
-    job: Job
-    device: torch.device = torch.device("cpu")
-    epoch: int = 0  # epochs completed
-    history: list[dict] = field(default_factory=list)
-    status: str = "running"
-    stop_reason: str | None = None
-    train_time_s: float = 0.0
-    wandb_id: str | None = None
-    batch_generator: torch.Generator = field(default_factory=torch.Generator)
-    best: EarlyStopping | None = None  # tracks the best val/loss epoch for best.pt, never stops training
-    stop_requested: str | None = None
-    started: float = field(default_factory=time.perf_counter)  # wall_time_s counts from here
-
-
-def setup_process(trainer: dict) -> torch.device:
+def setup_process(trainer: dict, seed: int) -> torch.device:
     """Threads, denormals, seeds and device: the process-wide settings, all explicit in the config."""
     torch.set_num_threads(trainer["threads"])
     # tiny values (< 1.2e-38) become 0 instead of denormal floats, which CPUs compute slowly
     torch.set_flush_denormal(trainer["flush_denormal"])
-    seed = trainer["seed"]
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)  # weight init and dropout masks
+    torch.manual_seed(seed)  # only the built-in dropout (impl=torch) draws from torch's global generator
     if trainer["device"] == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(trainer["device"])
 
 
-def build_optimizer(
-    opt: dict, model: nn.Module, regs: Regularization, fused: bool, device
-) -> torch.optim.Optimizer:
-    """The optimizer; built-in weight decay (coupled, or decoupled via AdamW) comes from the L2 technique."""
-    from reglab.regularizers.l1_l2 import decay_parameter_groups
+def build_optimizer(stack: Stack, model: nn.Module, regs: Regularization) -> torch.optim.Optimizer:
+    """One optimizer for the whole stack, with each member's own hyperparameters in its parameter groups.
 
-    weight_decay, decoupled = regs.optimizer_decay()
-    l2 = regs.get("l2")
-    exclude = getattr(l2, "exclude_bias_and_norm", True)
-    groups = decay_parameter_groups(model, weight_decay, exclude) if weight_decay else model.parameters()
-    common = dict(lr=opt["lr"], weight_decay=0.0)
-    if fused and device.type in ("cuda", "cpu"):
-        # one kernel for the whole update instead of several per tensor: ~1.3x faster steps here
-        common["fused"] = True
+    Members whose settings (lr, betas, weight decay, ..., and epoch) agree share a group, so that a fused optimizer
+    updates them in one call; every tensor is still updated on its own, exactly as in a lone run. A group's
+    `initial_lr` and `epoch` let the learning-rate schedule run per group. Built-in weight decay (coupled, or
+    decoupled as in AdamW) comes from the L2 technique (`optimizer_settings`)."""
+    groups: dict[tuple, dict] = {}
+    for k, m in enumerate(stack.members):
+        decay = regs.optimizer_settings(k)
+        exclude = decay.pop("exclude_bias_and_norm", True)
+        decayed, not_decayed = (
+            member_decay_split(model, k, exclude) if decay else ([], list(member_params(model, k)))
+        )
+        for params, extra in ((decayed, decay), (not_decayed, {})):
+            settings = {**optimizer_hyperparameters(m.cfg["optimizer"]), **extra, "epoch": m.epoch}
+            group = groups.setdefault(
+                tuple(sorted(settings.items())), {**settings, "params": [], "members": []}
+            )
+            group["params"] += params
+            group["members"].append(k)
+    param_groups = [g for g in groups.values() if g["params"]]
+    for group in param_groups:
+        group["initial_lr"] = group["lr"]
+    fused = stack.trainer["fused_optimizer"] and stack.device.type in ("cuda", "cpu")
+    # fused: one kernel for the whole update instead of several per tensor, ~1.3x faster steps here
+    if stack.members[0].cfg["optimizer"]["name"] == "sgd":
+        return torch.optim.SGD(param_groups, fused=fused or None)
+    return torch.optim.Adam(param_groups, fused=fused or None)
+
+
+def member_params(model: nn.Module, member: int):
+    return member_decay_split(model, member, exclude_bias_and_norm=False)[0]
+
+
+def optimizer_hyperparameters(opt: dict) -> dict:
+    """The settings of one member's parameter groups (weight decay 0 unless the L2 technique sets it)."""
     if opt["name"] == "sgd":
-        return torch.optim.SGD(groups, momentum=opt["momentum"], nesterov=opt["nesterov"], **common)
-    adam = torch.optim.AdamW if (opt["name"] == "adamw" or decoupled) else torch.optim.Adam
-    return adam(groups, betas=tuple(opt["betas"]), eps=opt["eps"], **common)
-
-
-def build_scheduler(trainer: dict, optimizer):
-    if trainer["lr_schedule"] == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=trainer["epochs"])
-    return None
+        return dict(lr=opt["lr"], momentum=opt["momentum"], nesterov=opt["nesterov"], weight_decay=0.0)
+    # AdamW is Adam with decoupled weight decay (torch.optim.AdamW sets exactly this flag)
+    decoupled = opt["name"] == "adamw"
+    return dict(
+        lr=opt["lr"],
+        betas=tuple(opt["betas"]),
+        eps=opt["eps"],
+        weight_decay=0.0,
+        decoupled_weight_decay=decoupled,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The epochs
 
 
-def fit(
-    model, data: DataSplits, optimizer, scheduler, regs: Regularization, state: TrainState, record: RunRecord
-):
-    trainer = state.cfg["trainer"]
-    progress = Progress(trainer["progress"], trainer["epochs"], state.job.parallel)
-    precision = autocast(trainer["precision"], state.device)
+def fit(model, data: DataSplits, optimizer, regs: Regularization, stack: Stack):
+    trainer = stack.trainer
+    progress = Progress(
+        trainer["progress"], trainer["epochs"], stack.members[0].job.parallel or len(stack.members) > 1
+    )
+    precision = autocast(trainer["precision"], stack.device)
     network = compiled(model) if trainer["compile"] else model  # same parameters; compiled forward
-    while state.epoch < trainer["epochs"]:
-        epoch = state.epoch + 1
+    while stack.running():
         started = time.perf_counter()
-        batches = shuffled_batches(
-            data, trainer, state.cfg["dataset"]["augment"], state.batch_generator, state.device
-        )
-        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
-        losses = train_one_epoch(network, batches, optimizer, regs, precision)
-        if scheduler is not None:
-            scheduler.step()
-        state.train_time_s += time.perf_counter() - started
-        metrics = epoch_metrics(network, data, regs, losses, lr, trainer["eval_batch_size"], epoch)
-        metrics["time_s"] = round(time.perf_counter() - state.started, 4)
-        state.history.append(metrics)
-        record.log_epoch(metrics)
-        progress.update(metrics)
-        state.epoch = epoch
-        if not math.isfinite(metrics["loss/total"]):
-            state.status, state.stop_reason = "diverged", f"non-finite training loss at epoch {epoch}"
-            break
-        state.best.step(metrics["val/loss"], epoch, model=model)
-        if regs.end_epoch(metrics, epoch, model):
-            state.status, state.stop_reason = "early_stopped", _stop_reason(regs)
-            break
-        if state.stop_requested:
-            checkpoint.save(state, model, optimizer, scheduler, regs)
-            raise Interrupted(state.stop_requested)
-        if trainer["checkpoint_every"] and epoch % trainer["checkpoint_every"] == 0:
-            checkpoint.save(state, model, optimizer, scheduler, regs)
+        lrs = set_learning_rates(optimizer, stack)  # the rate each member trains with this epoch
+        batches = shuffled_batches(data, stack)
+        losses = train_one_epoch(network, batches, optimizer, regs, precision, stack, lrs)
+        elapsed = time.perf_counter() - started
+        metrics = epoch_metrics(network, data, regs, losses, lrs, stack)
+        ending = []
+        for k, m in stack.running():
+            m.train_time_s += elapsed
+            m.epoch += 1
+            row = {"epoch": m.epoch, **metrics[k], "time_s": round(time.perf_counter() - m.started, 4)}
+            m.history.append(row)
+            m.record.log_epoch(row)
+            if k == 0:
+                progress.update(row)
+            if end_of_training(k, m, row, model, regs, trainer["epochs"]):
+                ending.append(k)
+        finish_members(ending, model, data, regs, stack)
+        if stack.stop_requested and stack.running():
+            checkpoint.save_stack(stack, model, optimizer, regs)
+            raise Interrupted(stack.stop_requested)
+        if trainer["checkpoint_every"] and any(
+            m.epoch % trainer["checkpoint_every"] == 0 for _, m in stack.running()
+        ):
+            checkpoint.save_stack(stack, model, optimizer, regs)
     progress.close()
-    if state.status == "running":
-        state.status = "completed"
 
 
-def shuffled_batches(data: DataSplits, trainer: dict, augment: bool, generator: torch.Generator, device):
-    """The training set in a fresh random order, as (x, y) batches on the training device.
+def end_of_training(k: int, m: Member, row: dict, model, regs: Regularization, epochs: int) -> bool:
+    """Whether member k's training ends after this epoch: it diverged, a technique stopped it, or its epochs ran out."""
+    if not math.isfinite(row["loss/total"]):
+        m.status, m.stop_reason = "diverged", f"non-finite training loss at epoch {m.epoch}"
+        return True
+    view = MemberView(model, k)
+    m.best.step(row["val/loss"], m.epoch, model=view)
+    if regs.end_epoch(k, row, m.epoch, view):
+        selection = regs.selection(k)
+        m.status, m.stop_reason = "early_stopped", getattr(selection, "stop_reason", None)
+        return True
+    if m.epoch >= epochs:
+        m.status = "completed"
+        return True
+    return False
 
-    Fast path (`trainer.loader=tensors`): index the resident tensors with a `randperm`, no DataLoader, no workers.
-    `trainer.loader=dataloader` draws the very same batches through a DataLoader (worker processes, pinned memory),
-    for data that should stay in host memory; both paths train identically for the same seed.
+
+def set_learning_rates(optimizer, stack: Stack) -> list[float]:
+    """Each group's rate for its next epoch (constant, or cosine annealing to 0 over the epochs); per member."""
+    epochs = stack.trainer["epochs"]
+    lrs = [0.0] * len(stack.members)
+    for group in optimizer.param_groups:
+        group["lr"] = scheduled_lr(group["initial_lr"], group["epoch"], epochs, stack.trainer["lr_schedule"])
+        group["epoch"] += 1
+        for k in group["members"]:
+            lrs[k] = group["lr"]
+    return lrs
+
+
+def scheduled_lr(initial_lr: float, epoch: int, epochs: int, schedule: str) -> float:
+    """cosine: lr₀·(1 + cos(π·epoch/epochs))/2 for epochs 0, 1, ... (SGDR's closed form without restarts)."""
+    if schedule == "cosine":
+        return initial_lr * (1 + math.cos(math.pi * epoch / epochs)) / 2
+    return initial_lr
+
+
+def shuffled_batches(data: DataSplits, stack: Stack):
+    """Mini-batches [K, B, ...] in a fresh random order per member and epoch, each from the member's own generator.
+
+    Default (`trainer.loader=tensors`): the data stay on the device and a batch is one indexing operation, no
+    workers. `trainer.loader=dataloader` draws the very same batches through a DataLoader (worker processes, pinned
+    memory), for data that should stay in host memory; both paths train identically for the same seeds.
     """
-    order = torch.randperm(len(data.y_train), generator=generator)
+    trainer, device = stack.trainer, stack.device
+    orders = torch.stack(
+        [torch.randperm(len(data.x_train), generator=m.batch_generator) for m in stack.members]
+    )
     if trainer["loader"] == "tensors":
-        order = order.to(data.x_train.device)
-        source = ((data.x_train[idx], data.y_train[idx]) for idx in order.split(trainer["batch_size"]))
-    else:
-        dataset = torch.utils.data.TensorDataset(data.x_train, data.y_train)
-        sampler = [idx.tolist() for idx in order.split(trainer["batch_size"])]
-        source = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=trainer["num_workers"],
-            pin_memory=device.type == "cuda",
-            generator=torch.Generator(),  # its own seed draw must not consume the global RNG (dropout masks)
+        orders = orders.to(data.x_train.device)
+        source = (
+            (data.x_train[idx], data.y_train.gather(1, idx)) for idx in orders.split(trainer["batch_size"], 1)
         )
+    else:
+        source = loader_batches(data, orders, trainer, device)
     for x, y in source:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        yield (shift_and_flip(x, generator) if augment else x), y
+        if stack.members[0].cfg["dataset"]["augment"]:
+            x = torch.stack([shift_and_flip(x[k], m.batch_generator) for k, m in enumerate(stack.members)])
+        yield x, y
 
 
-def train_one_epoch(model, batches, optimizer, regs: Regularization, precision):
-    """One pass over the batches; returns the mean data loss and mean penalty (0-d tensors, no host sync)."""
+def loader_batches(data: DataSplits, orders: Tensor, trainer: dict, device):
+    """The same batches as the tensor path, through a DataLoader over (member, sample) pairs."""
+    members, n = orders.shape
+    dataset = MemberSamples(data.x_train, data.y_train)
+    flat = orders + torch.arange(members).unsqueeze(1) * n  # sample i of member k is item k·n + i
+    sampler = [idx.flatten().tolist() for idx in flat.split(trainer["batch_size"], 1)]
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=trainer["num_workers"],
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # its own seed draw must not consume the global RNG
+    )
+    for x, y in loader:
+        yield x.view(members, -1, *x.shape[1:]), y.view(members, -1)
+
+
+class MemberSamples(torch.utils.data.Dataset):
+    """Item k·n + i: sample i's input (shared) with member k's label for it (labels differ under label noise)."""
+
+    def __init__(self, x: Tensor, y: Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return self.y.numel()
+
+    def __getitem__(self, item: int):
+        member, i = divmod(item, len(self.x))
+        return self.x[i], self.y[member, i]
+
+
+def train_one_epoch(
+    model, batches, optimizer, regs: Regularization, precision, stack: Stack, lrs: list[float]
+):
+    """One pass over the batches; returns each member's mean data loss and mean penalty ([K] tensors, no host sync)."""
     model.train()
+    finished = [p for k, m in enumerate(stack.members) if not m.running for p in member_params(model, k)]
     data_losses, penalties = [], []
     for x, y in batches:
         with precision:
             logits = model(x)
-            data_loss = regs.data_loss(logits.float(), y)
+            data_loss = regs.data_loss(logits.float(), y)  # [K]
         penalty = regs.penalty()
         loss = data_loss if penalty is None else data_loss + penalty
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        regs.before_step(optimizer)
+        # the members are independent: the gradient of the sum for member k's weights is that of its own loss
+        loss.sum().backward()
+        for (
+            param
+        ) in finished:  # a finished member is no longer updated (the optimizer skips tensors without grad)
+            param.grad = None
+        regs.before_step(lrs)
         optimizer.step()
-        regs.after_step(optimizer)
+        regs.after_step(lrs)
         data_losses.append(data_loss.detach())
         if penalty is not None:
             penalties.append(penalty.detach())
-    mean_data_loss = torch.stack(data_losses).mean()
-    return mean_data_loss, torch.stack(penalties).mean() if penalties else torch.zeros_like(mean_data_loss)
+    mean_data_loss = torch.stack(data_losses).mean(0)
+    return mean_data_loss, torch.stack(penalties).mean(0) if penalties else torch.zeros_like(mean_data_loss)
 
 
-def epoch_metrics(model, data: DataSplits, regs, losses, lr: float, eval_batch_size: int, epoch: int) -> dict:
-    """Train and validation metrics from one eval-mode pass each (train in eval mode: dropout would distort it)."""
+def epoch_metrics(model, data: DataSplits, regs, losses, lrs: list[float], stack: Stack) -> list[dict]:
+    """Per member: train and validation metrics from one eval-mode pass each (train in eval mode: dropout would
+    distort it), the training objective, weight statistics and the learning rate."""
     data_loss, penalty = losses
-    train = evaluate(model, data.x_train, data.y_train, eval_batch_size)
-    val = evaluate(model, data.x_val, data.y_val, eval_batch_size)
-    values = {
-        "loss/data": data_loss,
-        "loss/penalty": penalty,
-        "loss/total": data_loss + penalty,
-        **{f"train/{k}": v for k, v in train.items() if k in ("loss", "acc")},
-        **{f"val/{k}": v for k, v in val.items()},
-    }
-    numbers = as_floats(values)
-    return {
-        "epoch": epoch,
-        **numbers,
-        "gap/loss": numbers["val/loss"] - numbers["train/loss"],
-        "gap/acc": numbers["train/acc"] - numbers["val/acc"],
-        **diagnostics.weight_statistics(model),
-        "lr": lr,
-    }
+    batch, members = stack.trainer["eval_batch_size"], len(stack.members)
+    train = evaluate(model, data.x_train, data.y_train, batch)
+    val = evaluate(model, data.x_val, data.y_val.expand(members, -1), batch)
+    values = {}
+    for k in range(members):
+        values[k] = {
+            "loss/data": data_loss[k],
+            "loss/penalty": penalty[k],
+            "loss/total": data_loss[k] + penalty[k],
+            **{f"train/{name}": v for name, v in train[k].items() if name in ("loss", "acc")},
+            **{f"val/{name}": v for name, v in val[k].items()},
+        }
+    numbers = as_floats_nested(values)
+    return [
+        {
+            **numbers[k],
+            "gap/loss": numbers[k]["val/loss"] - numbers[k]["train/loss"],
+            "gap/acc": numbers[k]["train/acc"] - numbers[k]["val/acc"],
+            **diagnostics.weight_statistics(member_weights(model, k)),
+            "lr": lrs[k],
+        }
+        for k in range(members)
+    ]
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+def predict_all(model: nn.Module, x: Tensor, batch_size: int, members: int) -> Tensor:
+    """Every member's logits for x, in chunks of `batch_size`: [K, N, classes]."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+    return torch.cat(
+        [predict(model, x[i : i + batch_size], members).float() for i in range(0, len(x), batch_size)], 1
+    )
 
 
-def evaluate(model, x: Tensor, y: Tensor, batch_size: int) -> dict[str, Tensor]:
-    """loss (= nll), acc, ece, confidence: 0-d tensors, no host sync."""
-    return scores(predict(model, x, batch_size), y)
+def evaluate(model, x: Tensor, y: Tensor, batch_size: int) -> list[dict[str, Tensor]]:
+    """Per member: loss (= nll), acc, ece, confidence as 0-d tensors, no host sync. y is [K, N]."""
+    logits = predict_all(model, x, batch_size, len(y))
+    return [scores(logits[k], y[k]) for k in range(len(logits))]
 
 
 @torch.inference_mode()
@@ -330,34 +482,62 @@ def scores(logits: Tensor, y: Tensor) -> dict[str, Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The end of a run: restore, final evaluation, files, summary
+# The end of a member's training: restore, final evaluation, files, summary
 
 
-def finish(model, data: DataSplits, regs: Regularization, state: TrainState, record: RunRecord) -> dict:
-    cfg, run_dir = state.cfg, state.run_dir
-    batch = cfg["trainer"]["eval_batch_size"]
-    last_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # before any restore
-    last_model_test = {}
-    if regs.get("early_stopping") is not None:
-        # the model as training left it, to compare with the one early stopping restores
-        last_test = as_floats(evaluate(model, *data.test, batch))
-        last_model_test = {f"test/last_{k}": v for k, v in last_test.items()}
-    regs.end_training(model)  # early stopping restores its best weights here, whatever ended training
-    logits = {split: predict(model, x, batch) for split, (x, _) in data.splits().items()}
-    final = {split: as_floats(scores(logits[split], y)) for split, (_, y) in data.splits().items()}
-    summary = build_summary(state, regs, final, diagnostics.weight_statistics(model))
-    summary.update(last_model_test)
-    summary.update(temperature_scaling(logits["val"], data.y_val, logits["test"], data.y_test))
-    summary.update(mc_dropout_metrics(model, data, regs))
+def finish_members(ending: list[int], model, data: DataSplits, regs: Regularization, stack: Stack) -> None:
+    """Evaluate and record the members whose training ended this epoch (one evaluation pass for all of them).
+
+    A failure while finishing one member (a plot that cannot be written, say) fails that member alone."""
+    if not ending:
+        return
+    batch = stack.trainer["eval_batch_size"]
+    last_weights = {k: MemberView(model, k).state_dict() for k in ending}  # before any restore
+    last_test = {}
+    with_selection = [k for k in ending if regs.selection(k) is not None]
+    if with_selection:
+        # the models as training left them, to compare with the ones early stopping restores
+        logits = predict_all(model, data.x_test, batch, len(stack.members))
+        last_test = {k: as_floats(scores(logits[k], data.y_test)) for k in with_selection}
+    for k in with_selection:
+        regs.selection(k).restore(MemberView(model, k))  # restores its best weights, whatever ended training
+    logits = {
+        split: predict_all(model, x, batch, len(stack.members)) for split, (x, _) in data.splits().items()
+    }
+    for k in ending:
+        member = stack.members[k]
+        try:
+            finish(k, member, model, data, regs, logits, last_weights[k], last_test.get(k, {}), stack)
+        except Exception as err:
+            member.status = "failed"
+            record_failure(member, err)
+        finally:
+            regs.retire(k)
+
+
+def finish(
+    k: int, member: Member, model, data: DataSplits, regs, logits: dict, last_weights, last_test, stack
+):
+    cfg, run_dir = member.cfg, member.run_dir
+    labels = {"train": data.y_train[k], "val": data.y_val, "test": data.y_test}
+    final = {split: as_floats(scores(logits[split][k], labels[split])) for split in logits}
+    weights = member_weights(model, k)
+    selection = regs.selection(k) or member.best  # best_epoch and best.pt, by the same monitor
+    summary = build_summary(member, regs.names(k), final, diagnostics.weight_statistics(weights), selection)
+    summary["stack"]["size"] = len(stack.members)
+    summary["device"] = str(stack.device)
+    summary.update({f"test/last_{name}": v for name, v in last_test.items()})
+    summary.update(temperature_scaling(logits["val"][k], data.y_val, logits["test"][k], data.y_test))
+    summary.update(mc_dropout_metrics(model, data, k, stack))
     if cfg["trainer"]["save_weights"]:
-        stopper = regs.get("early_stopping")  # best.pt holds the weights of `best_epoch`, by the same monitor
-        save_weights(run_dir, last_weights, stopper.stopper if stopper is not None else state.best)
-    plots = write_plots(model, logits["test"], data.y_test, state, summary) if cfg["trainer"]["plots"] else []
-    record.log_images(plots)
-    record.write_summary(summary)
+        save_weights(run_dir, last_weights, selection)
+    if cfg["trainer"]["plots"]:
+        member.record.log_images(write_plots(weights, logits["test"][k], data.y_test, member, summary))
+    member.record.write_summary(summary)
+    member.summary = summary
     checkpoint.remove(run_dir)  # the run is over: the resumable checkpoint has done its job
-    print_summary(summary, run_dir, diagnostics.diagnose(state.history, summary), quiet=state.job.parallel)
-    return summary
+    quiet = member.job.parallel or len(stack.members) > 1
+    print_summary(summary, run_dir, diagnostics.diagnose(member.history, summary), quiet=quiet)
 
 
 def temperature_scaling(val_logits: Tensor, val_y: Tensor, test_logits: Tensor, test_y: Tensor) -> dict:
@@ -377,33 +557,41 @@ def as_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
     return dict(zip(names, torch.stack([metrics[k].float() for k in names]).tolist(), strict=True))
 
 
-def build_summary(state: TrainState, regs: Regularization, final: dict, weights: dict) -> dict:
-    stopper = regs.get("early_stopping")
-    best_epoch = stopper.stopper.best_epoch if stopper is not None else state.best.best_epoch
+def as_floats_nested(metrics: dict[int, dict[str, Tensor]]) -> dict[int, dict[str, float]]:
+    """Every member's 0-d tensors to floats, still with one host sync."""
+    flat = as_floats({f"{k}\0{name}": v for k, values in metrics.items() for name, v in values.items()})
+    nested: dict[int, dict[str, float]] = {k: {} for k in metrics}
+    for key, value in flat.items():
+        k, name = key.split("\0")
+        nested[int(k)][name] = value
+    return nested
+
+
+def build_summary(member: Member, techniques: list[str], final: dict, weights: dict, selection) -> dict:
     summary = {
-        "status": state.status,
+        "status": member.status,
         "error": None,
-        "stop_reason": state.stop_reason,
-        "epochs_run": state.epoch,
-        "best_epoch": best_epoch,
-        "overfit_onset_epoch": diagnostics.overfit_onset_epoch(state.history),
-        "fit_epoch": next((m["epoch"] for m in state.history if m["train/acc"] >= FIT_ACCURACY), None),
+        "stop_reason": member.stop_reason,
+        "epochs_run": member.epoch,
+        "best_epoch": selection.best_epoch,
+        "overfit_onset_epoch": diagnostics.overfit_onset_epoch(member.history),
+        "fit_epoch": next((m["epoch"] for m in member.history if m["train/acc"] >= FIT_ACCURACY), None),
     }
     for split, metrics in final.items():
         summary.update({f"{split}/{k}": v for k, v in metrics.items()})
     summary["gap/acc"] = summary["train/acc"] - summary["test/acc"]
     summary["gap/loss"] = summary["test/loss"] - summary["train/loss"]
     summary.update(weights)
-    summary.update(job_facts(state, regs))
-    summary["train_time_s"] = round(state.train_time_s, 4)
-    summary["wall_time_s"] = round(time.perf_counter() - state.started, 4)
+    summary.update(job_facts(member, techniques))
+    summary["train_time_s"] = round(member.train_time_s, 4)
+    summary["wall_time_s"] = round(time.perf_counter() - member.started, 4)
     return summary
 
 
-def job_facts(state: TrainState, regs: Regularization | None) -> dict:
-    cfg = state.cfg
+def job_facts(member: Member, techniques: list[str]) -> dict:
+    cfg = member.cfg
     return {
-        "overrides": list(state.job.overrides),
+        "overrides": list(member.job.overrides),
         "hparams": {
             **flatten(cfg["regularizer"], "regularizer"),
             "model.name": cfg["model"]["name"],
@@ -413,10 +601,10 @@ def job_facts(state: TrainState, regs: Regularization | None) -> dict:
             "optimizer.name": cfg["optimizer"]["name"],
             "optimizer.lr": cfg["optimizer"]["lr"],
         },
-        "regularizers": regs.names if regs is not None else [],
-        "seed": state.cfg["trainer"]["seed"],
-        "device": str(state.device),
-        "run_dir": str(state.run_dir),
+        "regularizers": techniques,
+        "seed": cfg["trainer"]["seed"],
+        "stack": {**(member.job.stack or {}), "size": 1},  # how many jobs trained together
+        "run_dir": str(member.run_dir),
     }
 
 
@@ -431,29 +619,46 @@ SUMMARY_METRICS = [f"{split}/{m}" for split in ("train", "val", "test") for m in
 ]
 
 
-def failure_summary(state: TrainState, err: Exception) -> dict:
+def fail_unfinished(stack: Stack, err: Exception) -> None:
+    """An error in the shared step fails every member still training; finished members keep their records."""
+    failed = stack.running()
+    for _, m in failed:
+        m.status = "failed"
+        record_failure(m, err)
+    if should_raise(stack.trainer["on_error"], stack.members[0].job):
+        raise err
+    print(
+        f"[reglab] {len(failed)} job(s) failed: {type(err).__name__}: {err} (recorded in summary.json; the sweep goes on)"
+    )
+
+
+def record_failure(member: Member, err: Exception) -> dict:
     """A failed job's summary: the error, and the usual keys as null so that readers need no special case."""
-    return {
+    summary = {
         "status": "failed",
         "error": f"{type(err).__name__}: {err}",
         "stop_reason": None,
-        "epochs_run": state.epoch,
+        "epochs_run": member.epoch,
         **dict.fromkeys(SUMMARY_METRICS),
-        **job_facts(state, None),
-        "wall_time_s": round(time.perf_counter() - state.started, 4),
+        **job_facts(member, []),
+        "wall_time_s": round(time.perf_counter() - member.started, 4),
     }
+    write_summary(member.run_dir, summary, getattr(member.record, "wandb_run", None))
+    member.summary = summary
+    return summary
 
 
-def mc_dropout_metrics(model, data: DataSplits, regs: Regularization) -> dict:
-    """Test metrics of Monte Carlo dropout predictions, when the dropout technique asks for them."""
-    dropout = regs.get("dropout")
-    if dropout is None or not dropout.mc_samples:
+def mc_dropout_metrics(model, data: DataSplits, k: int, stack: Stack) -> dict:
+    """Test metrics of Monte Carlo dropout predictions, when member k's dropout asks for them."""
+    dropout = stack.members[k].cfg["regularizer"].get("dropout")
+    if dropout is None or not dropout["mc_samples"]:
         return {}
     from reglab.regularizers.dropout import mc_predict
 
-    probs, entropy = mc_predict(model, data.x_test, dropout.mc_samples)
-    stats = diagnostics.prediction_metrics(probs.clamp_min(1e-12).log(), data.y_test)
-    return {f"test/mc_{k}": v for k, v in as_floats({**stats, "entropy": entropy.mean()}).items()}
+    batch = stack.trainer["eval_batch_size"]
+    probs, entropy = mc_predict(model, data.x_test, dropout["mc_samples"], batch, len(stack.members), only=k)
+    stats = diagnostics.prediction_metrics(probs[k].clamp_min(1e-12).log(), data.y_test)
+    return {f"test/mc_{name}": v for name, v in as_floats({**stats, "entropy": entropy[k].mean()}).items()}
 
 
 def save_weights(run_dir: Path, last_weights: dict, best: EarlyStopping) -> None:
@@ -463,19 +668,19 @@ def save_weights(run_dir: Path, last_weights: dict, best: EarlyStopping) -> None
     torch.save(best.best_state if best.best_state is not None else last_weights, run_dir / "best.pt")
 
 
-def write_plots(model, test_logits: Tensor, test_y: Tensor, state: TrainState, summary: dict) -> list[Path]:
-    run_dir = state.run_dir
-    stop_epoch = state.epoch if state.status == "early_stopped" else None
+def write_plots(weights, test_logits: Tensor, test_y: Tensor, member: Member, summary: dict) -> list[Path]:
+    run_dir = member.run_dir
+    stop_epoch = member.epoch if member.status == "early_stopped" else None
     return [
         diagnostics.plot_curves(
-            state.history,
+            member.history,
             run_dir / "curves.png",
             best_epoch=summary["best_epoch"],
             onset_epoch=summary["overfit_onset_epoch"],
             stop_epoch=stop_epoch,
         ),
         diagnostics.plot_reliability(test_logits, test_y, run_dir / "reliability.png"),
-        diagnostics.plot_weight_histogram(model, run_dir / "weights.png"),
+        diagnostics.plot_weight_histogram(weights, run_dir / "weights.png"),
     ]
 
 
@@ -514,7 +719,7 @@ def run_name(overrides: list[str]) -> str:
     parts = []
     for override in overrides:
         key, _, value = override.partition("=")
-        if key.startswith(("hydra.", "logger", "trainer.resume", "dataset.root")):
+        if key.startswith(("hydra.", "hydra/", "logger", "trainer.resume", "dataset.root")):
             continue
         parts.append(value if key == "regularizer" else f"{key.rsplit('.', 1)[-1]}={value}")
     return " ".join(parts) or "default"
@@ -522,11 +727,6 @@ def run_name(overrides: list[str]) -> str:
 
 def should_raise(on_error: str, job: Job) -> bool:
     return on_error == "raise" or (on_error == "auto" and not job.multirun)
-
-
-def _stop_reason(regs: Regularization) -> str | None:
-    stopper = regs.get("early_stopping")
-    return stopper.stopper.stop_reason if stopper is not None else None
 
 
 def compiled(model: nn.Module) -> nn.Module:
@@ -542,14 +742,14 @@ def autocast(precision: str, device: torch.device):
 
 
 @contextlib.contextmanager
-def stop_on_signals(state: TrainState):
+def stop_on_signals(stack: Stack):
     """SIGTERM (a cluster's pre-emption notice), SIGUSR2 (SLURM's time-limit warning via submitit) and Ctrl-C
     finish the current epoch, checkpoint and stop."""
 
     def request_stop(signum, frame):
-        if state.stop_requested:  # a second Ctrl-C: stop at once
+        if stack.stop_requested:  # a second Ctrl-C: stop at once
             raise KeyboardInterrupt
-        state.stop_requested = signal.Signals(signum).name
+        stack.stop_requested = signal.Signals(signum).name
 
     previous = {}
     # SIGUSR2: what submitit/SLURM send `signal_delay_s` before a job's time limit

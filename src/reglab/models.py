@@ -1,49 +1,179 @@
-"""The model zoo: an MLP, a 1-D CNN for signals and a 2-D CNN for images.
+"""The model zoo, as stacks: K independent networks of one architecture trained side by side.
 
-Input and output sizes come from the data set (`input_shape`, `num_classes`), never from the user. Dropout layers
-are placed by the `DropoutPlan` that the dropout regularizer hands over: dense dropout after every hidden dense layer,
-channel-wise (or element-wise) dropout after every conv block, optional input dropout. Without dropout the plan's
-rates are 0 and the layers are `nn.Identity`, so an unregularized model carries no dead weight.
+Every layer holds K sets of parameters, one per *member* (one job of a sweep), and computes all K at once on inputs
+shaped [K, B, ...]: a dense layer is one batched matmul, y_k = x_k W_kᵀ + b_k (`torch.baddbmm`). An ordinary run is
+simply K = 1. Each member keeps its own parameter tensors (stacked only for the forward pass), so the optimizer
+updates member k's tensors exactly as it would update a network trained alone, and member k's results equal its
+one-by-one run bit for bit (tests/test_stack.py).
+
+The networks: an MLP, a 1-D CNN for signals and a 2-D CNN for images. Input and output sizes come from the data
+set, never from the user. Convolutions are written as unfold + batched matmul: measured here, that keeps a
+member's outputs identical whatever K is, where grouped convolutions pick other algorithms for other shapes.
+Dropout layers sit where each member's `DropoutPlan` asks (see regularizers/dropout.py).
 """
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from reglab.errors import ConfigError
-from reglab.regularizers.dropout import build_dropout
+from reglab.regularizers.dropout import DropoutPlan, StackedDropout
 
 MODELS = ("mlp", "cnn1d", "cnn")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
-@dataclass(frozen=True)
-class DropoutPlan:
-    """Where and how strongly the model drops activations."""
-
-    p: float = 0.0  # after every hidden dense layer
-    input_p: float = 0.0  # on the input
-    conv_p: float = 0.0  # after every conv block
-    conv_kind: str = "channel"  # channel: whole feature maps; element: single activations
-    impl: str = "scratch"  # scratch | torch
-
-    def dense(self, p: float) -> nn.Module:
-        return build_dropout(p, impl=self.impl, spatial_dims=0)
-
-    def conv(self, spatial_dims: int) -> nn.Module:
-        dims = spatial_dims if self.conv_kind == "channel" else 0
-        return build_dropout(self.conv_p, impl=self.impl, spatial_dims=dims)
+def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound, generator=generator))
 
 
-def build_model(cfg, input_shape: tuple[int, ...], num_classes: int, dropout: DropoutPlan) -> nn.Module:
-    """The network that `cfg` (the `model` config node) names, sized for the data."""
+class StackedLinear(nn.Module):
+    """K dense layers: x [K, B, in] -> [K, B, out], y_k = x_k W_kᵀ + b_k.
+
+    Initialized as `nn.Linear` is by default: W and b uniform in ±1/√fan_in, drawn from each member's own generator.
+    """
+
+    def __init__(self, in_features: int, out_features: int, generators: list[torch.Generator]):
+        super().__init__()
+        bound = 1 / math.sqrt(in_features)
+        self.weight = nn.ParameterList()
+        self.bias = nn.ParameterList()
+        for generator in generators:
+            self.weight.append(_uniform((out_features, in_features), bound, generator))
+            self.bias.append(_uniform((out_features,), bound, generator))
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = torch.stack(list(self.weight))  # [K, out, in]
+        bias = torch.stack(list(self.bias)).unsqueeze(1)  # [K, 1, out]
+        return torch.baddbmm(bias, x, weight.transpose(1, 2))
+
+
+class StackedConv(nn.Module):
+    """K convolutions (1-D or 2-D), as unfold + batched matmul: the patches of every position times the kernels.
+
+    1-D: stride 2 (each layer halves the length); 2-D: stride 1. Padding kernel_size // 2, like the CNNs before.
+    Initialized as `nn.Conv1d/2d` are by default (uniform ±1/√fan_in, fan_in = in_channels · kernel elements).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, spatial_dims, generators):
+        super().__init__()
+        self.kernel, self.spatial_dims = kernel_size, spatial_dims
+        self.stride = 2 if spatial_dims == 1 else 1
+        fan_in = in_channels * kernel_size**spatial_dims
+        bound = 1 / math.sqrt(fan_in)
+        self.weight = nn.ParameterList()
+        self.bias = nn.ParameterList()
+        for generator in generators:
+            self.weight.append(
+                _uniform((out_channels, in_channels, *[kernel_size] * spatial_dims), bound, generator)
+            )
+            self.bias.append(_uniform((out_channels,), bound, generator))
+
+    def forward(self, x: Tensor) -> Tensor:
+        members, batch = x.shape[:2]
+        patches, out_size = self._patches(x.flatten(0, 1))  # [K·B, C·k…, positions]
+        patches = patches.view(members, batch, *patches.shape[1:]).transpose(2, 3).flatten(1, 2)
+        weight = torch.stack(list(self.weight)).flatten(2)  # [K, out, C·k…]
+        bias = torch.stack(list(self.bias)).unsqueeze(1)  # [K, 1, out]
+        out = torch.baddbmm(bias, patches, weight.transpose(1, 2))  # [K, B·positions, out]
+        return (
+            out.view(members, batch, -1, weight.shape[1])
+            .transpose(2, 3)
+            .reshape(members, batch, -1, *out_size)
+        )
+
+    def _patches(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        pad = self.kernel // 2
+        if self.spatial_dims == 1:
+            padded = F.pad(x, (pad, pad))
+            windows = padded.unfold(2, self.kernel, self.stride)  # [N, C, L_out, k]
+            return windows.permute(0, 1, 3, 2).flatten(1, 2), (windows.shape[2],)
+        patches = F.unfold(x, self.kernel, padding=pad, stride=self.stride)
+        return patches, (x.shape[2], x.shape[3])
+
+
+class PerSample(nn.Module):
+    """Applies a layer that knows nothing of members (max-pooling) to [K, B, ...] by folding K into the batch."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.layer(x.flatten(0, 1))
+        return out.view(*x.shape[:2], *out.shape[1:])
+
+
+class Flatten(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(2)
+
+
+@dataclass
+class Architecture:
+    """What `build_model` needs beyond the config: the data's shape and classes, and one entry per member."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    seeds: list[int]  # each member's initialization seed
+    dropout: list[DropoutPlan]  # each member's dropout
+
+
+def build_model(cfg, arch: Architecture, noise: list[torch.Generator] | None = None) -> nn.Sequential:
+    """The stack of networks that `cfg` (the `model` config node) names, sized for the data.
+
+    `noise` holds each member's generator for dropout masks (default: generators seeded by the member seeds)."""
+    generators = [torch.Generator().manual_seed(seed) for seed in arch.seeds]
+    noise = noise if noise is not None else [torch.Generator().manual_seed(seed) for seed in arch.seeds]
     activation = ACTIVATIONS[cfg["activation"]]
+    layers = Layers(generators, noise, arch.dropout, activation)
     if cfg["name"] == "mlp":
-        return mlp(input_shape, list(cfg["hidden"]), num_classes, activation, dropout)
-    spatial_dims = len(input_shape) - 1
+        width = math.prod(arch.input_shape)
+        body = [Flatten(), *layers.dropout("input")]
+    else:
+        body, width = conv_body(cfg, arch, layers)
+    return named(body + layers.dense_head(width, list(cfg["hidden"]), arch.num_classes))
+
+
+def named(layers: list[nn.Module]) -> nn.Sequential:
+    """A Sequential whose weights have names that do not depend on where dropout sits: conv1, dense1, ..., output
+    (so that best.pt of a run with dropout loads into one without)."""
+    names, counts = [], {}
+    for position, layer in enumerate(layers):
+        kind = {StackedConv: "conv", StackedLinear: "dense"}.get(type(layer), type(layer).__name__.lower())
+        counts[kind] = counts.get(kind, 0) + 1
+        names.append("output" if position == len(layers) - 1 else f"{kind}{counts[kind]}")
+    return nn.Sequential(OrderedDict(zip(names, layers, strict=True)))
+
+
+class Layers:
+    """Builds layers for all members at once: their init generators, dropout plans and activation."""
+
+    def __init__(self, generators, noise, plans: list[DropoutPlan], activation):
+        self.generators, self.noise, self.plans, self.activation = generators, noise, plans, activation
+
+    def dropout(self, where: str, spatial_dims: int = 0) -> list[nn.Module]:
+        """A dropout layer at `where` (input | dense | conv) when any member drops there, else nothing."""
+        layer = StackedDropout.at(where, self.plans, self.noise, spatial_dims)
+        return [layer] if layer is not None else []
+
+    def dense_head(self, width: int, hidden: list[int], num_classes: int) -> list[nn.Module]:
+        layers: list[nn.Module] = []
+        for size in hidden:
+            layers += [StackedLinear(width, size, self.generators), self.activation(), *self.dropout("dense")]
+            width = size
+        return [*layers, StackedLinear(width, num_classes, self.generators)]
+
+
+def conv_body(cfg, arch: Architecture, layers: Layers) -> tuple[list[nn.Module], int]:
+    """Conv blocks then a flatten; returns the layers and the flattened width."""
+    spatial_dims = len(arch.input_shape) - 1
     wanted = {"cnn1d": 1, "cnn": 2}.get(cfg["name"])
     if wanted is None:
         raise ConfigError("model", cfg["name"], f"one of {', '.join(MODELS)}")
@@ -52,85 +182,87 @@ def build_model(cfg, input_shape: tuple[int, ...], num_classes: int, dropout: Dr
         raise ConfigError(
             "model", cfg["name"], f"this data set holds {kind}; model=mlp works with any data set"
         )
-    conv_layers = conv_stack(
-        input_shape[0], list(cfg["channels"]), cfg["kernel_size"], spatial_dims, activation, dropout
-    )
-    return conv_net(conv_layers, input_shape, list(cfg["hidden"]), num_classes, activation, dropout)
-
-
-def mlp(input_shape, hidden: list[int], num_classes: int, activation, dropout: DropoutPlan) -> nn.Sequential:
-    """Flatten -> [input dropout] -> (Linear -> activation -> dropout) per hidden width -> Linear."""
-    width = 1
-    for size in input_shape:
-        width *= size
-    return nn.Sequential(
-        nn.Flatten(),
-        dropout.dense(dropout.input_p),
-        *dense_head(width, hidden, num_classes, activation, dropout),
-    )
-
-
-def dense_head(
-    width: int, hidden: list[int], num_classes: int, activation, dropout: DropoutPlan
-) -> list[nn.Module]:
-    layers: list[nn.Module] = []
-    for size in hidden:
-        layers += [nn.Linear(width, size), activation(), dropout.dense(dropout.p)]
-        width = size
-    return [*layers, nn.Linear(width, num_classes)]
-
-
-def conv_stack(
-    in_channels: int,
-    channels: list[int],
-    kernel_size: int | list[int],
-    spatial_dims: int,
-    activation,
-    dropout,
-):
-    """1-D: strided convolutions (each halves the length). 2-D: conv -> activation -> 2x2 max-pool blocks.
-    `kernel_size` is one size for every layer or one per layer."""
+    channels = list(cfg["channels"])
+    kernel_size = cfg["kernel_size"]
     sizes = [kernel_size] * len(channels) if isinstance(kernel_size, int) else list(kernel_size)
     if len(sizes) != len(channels):
         raise ConfigError(
             "model.kernel_size", kernel_size, f"one size, or one per layer ({len(channels)} layers)"
         )
-    layers: list[nn.Module] = [dropout.dense(dropout.input_p)]
-    for out_channels, kernel_size in zip(channels, sizes, strict=True):
-        if spatial_dims == 1:
-            layers += [
-                nn.Conv1d(in_channels, out_channels, kernel_size, stride=2, padding=kernel_size // 2),
-                activation(),
-            ]
-        else:
-            layers += [
-                nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
-                activation(),
-                nn.MaxPool2d(2),
-            ]
-        layers.append(dropout.conv(spatial_dims))
+    body: list[nn.Module] = [*layers.dropout("input")]
+    size = list(arch.input_shape[1:])
+    in_channels = arch.input_shape[0]
+    for out_channels, kernel in zip(channels, sizes, strict=True):
+        body += [
+            StackedConv(in_channels, out_channels, kernel, spatial_dims, layers.generators),
+            layers.activation(),
+        ]
+        size = [(s + 2 * (kernel // 2) - kernel) // 2 + 1 for s in size] if spatial_dims == 1 else size
+        if spatial_dims == 2:
+            body.append(PerSample(nn.MaxPool2d(2)))
+            size = [s // 2 for s in size]
+        body += layers.dropout("conv", spatial_dims)
         in_channels = out_channels
-    return layers
+        if min(size) < 1:
+            raise ConfigError(
+                "model.channels",
+                channels,
+                f"fewer conv blocks for inputs of shape {tuple(arch.input_shape)}: each block halves the size",
+            )
+    return [*body, Flatten()], in_channels * math.prod(size)
 
 
-def channels_of(layers) -> list[int]:
-    return [layer.out_channels for layer in layers if isinstance(layer, (nn.Conv1d, nn.Conv2d))]
+# ---------------------------------------------------------------------------------------------------------------------
+# One member's view of the stack
 
 
-def conv_net(
-    conv_layers, input_shape, hidden: list[int], num_classes: int, activation, dropout
-) -> nn.Sequential:
-    features = nn.Sequential(*conv_layers, nn.Flatten())
-    try:
-        with torch.no_grad():
-            width = features.eval()(torch.zeros(1, *input_shape)).shape[
-                1
-            ]  # flattened size after the conv stack
-    except RuntimeError as err:  # torch: "Output size is too small" once the blocks have halved it to nothing
-        raise ConfigError(
-            "model.channels",
-            channels_of(conv_layers),
-            f"fewer conv blocks for inputs of shape "
-            f"{tuple(input_shape)}: each block halves the size ({str(err).splitlines()[0][:80]})",
-        ) from None
-    return nn.Sequential(*features, *dense_head(width, hidden, num_classes, activation, dropout)).train()
+def member_state(model: nn.Module, member: int) -> dict[str, Tensor]:
+    """Member `member`'s weights under plain names ('1.weight'), as if it had been trained alone (best.pt, last.pt)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        prefix, _, index = name.rpartition(".")
+        if index.isdigit() and int(index) == member:
+            state[prefix] = tensor.detach().clone()
+    return state
+
+
+def load_member_state(model: nn.Module, member: int, state: dict[str, Tensor]) -> None:
+    """Load one member's weights (from `member_state`) into its slot of the stack."""
+    with torch.no_grad():
+        for name, tensor in state.items():
+            model.get_parameter(f"{name}.{member}").copy_(tensor)
+
+
+class MemberView:
+    """One member of a stack seen as a lone model: its own `state_dict()` and `load_state_dict()`."""
+
+    def __init__(self, model: nn.Module, member: int):
+        self.model, self.member = model, member
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return member_state(self.model, self.member)
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        load_member_state(self.model, self.member, state)
+
+
+def member_parameters(model: nn.Module, member: int) -> list[tuple[str, nn.Parameter]]:
+    """(plain name, parameter) of one member, in layer order."""
+    params = []
+    for name, param in model.named_parameters():
+        prefix, _, index = name.rpartition(".")
+        if int(index) == member:
+            params.append((prefix, param))
+    return params
+
+
+def member_weights(model: nn.Module, member: int, output_layer: bool = True) -> list[Tensor]:
+    """One member's weight matrices and kernels (ndim >= 2): what weight decay and weight statistics act on.
+    `output_layer=False` leaves out the last dense layer (max-norm constrains hidden units only)."""
+    weights = [p for _, p in member_parameters(model, member) if p.ndim >= 2]
+    return weights if output_layer else weights[:-1]
+
+
+def predict(model: nn.Module, x: Tensor, members: int) -> Tensor:
+    """The logits of every member for the same inputs x [B, ...]: [K, B, classes]."""
+    return model(x.unsqueeze(0).expand(members, *x.shape))

@@ -152,6 +152,7 @@ SCHEMA: dict[str, Mapping] = {
             "conv_p": optional(PROBABILITY),
             "conv_kind": choice("channel", "element"),
             "max_norm": optional(number(0, lo_open=True)),
+            "max_norm_output": boolean(),
             "impl": IMPL,
             "mc_samples": integer(0),
         },

@@ -158,6 +158,8 @@ def start_wandb(logger_cfg, *, run_dir, name, group, job_type, config, tags, res
         dir=str(run_dir),
         id=resume_id,
         resume="allow" if resume_id else None,
+        # a stack logs K runs from one process at once: each init makes a new run and leaves the others alone
+        reinit="create_new",
     )
     for attempt_mode in [mode, "offline"] if mode == "online" else [mode]:
         try:

@@ -1,24 +1,27 @@
 """Regularization techniques, and how the training loop meets them.
 
 Each technique lives in its own module (dropout, l1_l2, early_stopping, label_smoothing) with a from-scratch and a
-built-in version side by side. This file is only the glue: it turns the `regularizer` config node into `Technique`
-objects, and each technique uses one or more of the loop's few hook points:
+built-in version side by side. This file is only the glue. The loop trains a *stack* of K members (one job each,
+K = 1 for an ordinary run), and every technique holds one setting per member: the member's config node, or None
+where that member does not use the technique (a technique that is off is that member's zero strength, and leaves
+its arithmetic untouched). Each technique uses one or more of the loop's few hook points:
 
-    model        dropout_plan()        where dropout layers go                          (dropout)
-    loss         data_loss, penalty()  what is minimized                                (label smoothing, L1, L2)
-    optimizer    optimizer_decay()     the optimizer's built-in (coupled/decoupled) decay (L2, impl=torch)
-    step         before_step()         between backward and optimizer.step              (L2 coupled/decoupled scratch)
-                 after_step()          after optimizer.step                             (proximal L1, max-norm)
-    epoch end    end_epoch()           may stop training                                (early stopping)
-    training end end_training()        may restore the best weights                     (early stopping)
+    model        dropout_plan(k)       where member k's dropout layers go                 (dropout)
+    loss         data_loss(...)        the per-member data loss                           (label smoothing)
+                 penalty()             per-member penalty added to it                     (L1, L2)
+    optimizer    optimizer_settings(k) member k's built-in weight decay                   (L2, impl=torch)
+    step         before_step(lrs)      between backward and optimizer.step                (L2 coupled/decoupled scratch)
+                 after_step(lrs)       after optimizer.step                               (proximal L1, max-norm)
+    epoch end    end_epoch(k, ...)     may stop member k                                  (early stopping)
+    training end selection(k)          which epoch member k keeps, and its weights        (early stopping)
 
-`Regularization` fans every hook out over the active techniques, so `regularizer=[l2,dropout,label_smoothing]`
-needs no special case anywhere. Techniques keep no global state: everything lives on the objects built per run.
+`Regularization` fans every hook out over the techniques, so `regularizer=[l2,dropout,label_smoothing]` needs no
+special case anywhere, and the loop never names a technique. No global state: everything lives on these objects.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,90 +30,127 @@ from torch import Tensor, nn
 from reglab.errors import ConfigError
 from reglab.regularizers import dropout as dropout_lib
 from reglab.regularizers import l1_l2
+from reglab.regularizers.dropout import DropoutPlan
 from reglab.regularizers.early_stopping import EarlyStopping
 from reglab.regularizers.label_smoothing import label_smoothing_cross_entropy
+
+if TYPE_CHECKING:
+    from reglab.models import MemberView
 
 TECHNIQUES = ("l1", "l2", "dropout", "early_stopping", "label_smoothing")
 
 
 class Technique:
-    """No-op hooks; each technique overrides the ones it needs."""
+    """No-op hooks; each technique overrides the ones it needs. `settings[k]` is member k's config node or None."""
 
     name = "technique"
+
+    def __init__(self, settings: list[dict | None]):
+        self.settings = settings
+
+    def members(self) -> list[int]:
+        """The members that use this technique (and have not finished training)."""
+        return [k for k, s in enumerate(self.settings) if s is not None]
+
+    def retire(self, member: int) -> None:
+        """Member `member` has finished: no hook touches it again."""
+        self.settings[member] = None
 
     def setup(self, model: nn.Module) -> None:
         """Called once the model exists (e.g. to pick the parameters to regularize)."""
 
-    def dropout_plan(self):
+    def dropout_plan(self, member: int) -> DropoutPlan | None:
         return None
 
-    def data_loss(self) -> Callable[[Tensor, Tensor], Tensor] | None:
-        return None
+    def data_loss(self, logits: Tensor, y: Tensor, loss: Tensor) -> Tensor:
+        """Per-member data loss [K] from logits [K, B, C] and labels [K, B], given the loss so far."""
+        return loss
 
     def penalty(self) -> Tensor | None:
+        """Per-member penalty [K] added to the data loss, or None."""
         return None
 
-    def optimizer_decay(self) -> tuple[float, bool] | None:
-        """(λ, decoupled) for the optimizer's built-in weight decay, or None."""
-        return None
-
-    def before_step(self, optimizer: torch.optim.Optimizer) -> None: ...
-
-    def after_step(self, optimizer: torch.optim.Optimizer) -> None: ...
-
-    def end_epoch(self, metrics: dict[str, float], epoch: int, model: nn.Module) -> bool:
-        return False
-
-    def end_training(self, model: nn.Module) -> None: ...
-
-    def state_dict(self) -> dict:
+    def optimizer_settings(self, member: int) -> dict:
+        """Settings of member k's optimizer parameter group for its decayed weights (e.g. weight_decay)."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def before_step(self, lrs: list[float]) -> None: ...
 
+    def after_step(self, lrs: list[float]) -> None: ...
 
-def _current_lr(optimizer: torch.optim.Optimizer) -> float:
-    return optimizer.param_groups[0]["lr"]
+    def end_epoch(self, member: int, metrics: dict[str, float], epoch: int, model: MemberView) -> bool:
+        return False
+
+    def selection(self, member: int) -> EarlyStopping | None:
+        """The tracker that picks member k's best epoch and the weights it ends with, if this technique decides."""
+        return None
+
+    def state_dict(self, member: int) -> dict:
+        return {}
+
+    def load_state_dict(self, member: int, state: dict) -> None: ...
 
 
 class WeightNormTechnique(Technique):
-    """Shared by L1 and L2: a strength λ, a mode, an impl, and the weights they act on (no biases/norms)."""
+    """Shared by L1 and L2: per member a strength λ, a mode, an impl, and the weights they act on."""
 
-    def __init__(self, strength: float, mode: str, impl: str, exclude_bias_and_norm: bool = True):
-        self.strength, self.mode, self.impl = strength, mode, impl
-        self.exclude_bias_and_norm = exclude_bias_and_norm
-        self.params: list[Tensor] = []
+    strength_key = "strength"
 
     def setup(self, model):
-        self.params = l1_l2.decayed_parameters(model, self.exclude_bias_and_norm)
+        self.device = next(model.parameters()).device
+        self.params = {
+            k: l1_l2.member_decay_split(model, k, self.settings[k]["exclude_bias_and_norm"])[0]
+            for k in self.members()
+        }
+
+    def strength(self, member: int) -> float:
+        return self.settings[member][self.strength_key]
+
+    def in_mode(self, mode: str, impl: str | None = None) -> list[int]:
+        return [
+            k
+            for k in self.members()
+            if self.settings[k]["mode"] == mode and (impl is None or self.settings[k]["impl"] == impl)
+        ]
+
+    def penalties(self, mode: str, scratch, builtin, scale: float) -> Tensor | None:
+        """scale·λ_k·(Σ over member k's weights) for the members in `mode`; 0 for the others."""
+        members = self.in_mode(mode)
+        if not members:
+            return None
+        values = [torch.zeros((), device=self.device)] * len(self.settings)
+        for k in members:
+            total = (scratch if self.settings[k]["impl"] == "scratch" else builtin)(self.params[k])
+            values[k] = scale * self.strength(k) * total
+        return torch.stack(values)
 
 
 class L2(WeightNormTechnique):
     """L2 / weight decay in three modes (see l1_l2.py for the math and the λ/2 convention)."""
 
     name = "l2"
-
-    def __init__(self, weight_decay: float, mode: str, impl: str, exclude_bias_and_norm: bool = True):
-        super().__init__(weight_decay, mode, impl, exclude_bias_and_norm)
+    strength_key = "weight_decay"
 
     def penalty(self):
-        if self.mode != "penalty":
-            return None
-        squares = (
-            l1_l2.l2_penalty(self.params) if self.impl == "scratch" else l1_l2.l2_penalty_torch(self.params)
-        )
-        return 0.5 * self.strength * squares  # λ/2·Σw²: its gradient λ·w matches SGD(weight_decay=λ)
+        # λ/2·Σw²: its gradient λ·w matches SGD(weight_decay=λ)
+        return self.penalties("penalty", l1_l2.l2_penalty, l1_l2.l2_penalty_torch, scale=0.5)
 
-    def optimizer_decay(self):
-        if self.impl == "torch" and self.mode != "penalty":
-            return self.strength, self.mode == "decoupled"
-        return None
+    def optimizer_settings(self, member):
+        setting = self.settings[member]
+        if setting is None or setting["impl"] != "torch" or setting["mode"] == "penalty":
+            return {}
+        return {
+            "weight_decay": setting["weight_decay"],
+            "decoupled_weight_decay": setting["mode"] == "decoupled",
+        }
 
-    def before_step(self, optimizer):
-        if self.impl == "scratch" and self.mode == "coupled":
-            l1_l2.coupled_weight_decay_(self.params, self.strength)  # grad += λ·w, as SGD/Adam do inside
-        elif self.impl == "scratch" and self.mode == "decoupled":
-            l1_l2.decoupled_weight_decay_(self.params, _current_lr(optimizer), self.strength)
+    def before_step(self, lrs):
+        for k in self.in_mode("coupled", "scratch"):
+            l1_l2.coupled_weight_decay_(
+                self.params[k], self.strength(k)
+            )  # grad += λ·w, as SGD/Adam do inside
+        for k in self.in_mode("decoupled", "scratch"):
+            l1_l2.decoupled_weight_decay_(self.params[k], lrs[k], self.strength(k))
 
 
 class L1(WeightNormTechnique):
@@ -119,20 +159,14 @@ class L1(WeightNormTechnique):
     name = "l1"
 
     def penalty(self):
-        if self.mode != "subgradient":
-            return None
-        absolute = (
-            l1_l2.l1_penalty(self.params) if self.impl == "scratch" else l1_l2.l1_penalty_torch(self.params)
-        )
-        return self.strength * absolute
+        return self.penalties("subgradient", l1_l2.l1_penalty, l1_l2.l1_penalty_torch, scale=1.0)
 
-    def after_step(self, optimizer):
-        if self.mode == "proximal":
-            # ISTA: after a gradient step of size lr, the prox of lr·λ·|w| is soft-thresholding by lr·λ. Exact for
-            # SGD; after an Adam step (per-weight step sizes) it is the common heuristic, still giving exact zeros.
-            threshold = _current_lr(optimizer) * self.strength
-            shrink = l1_l2.proximal_l1_ if self.impl == "scratch" else l1_l2.proximal_l1_torch_
-            shrink(self.params, threshold)
+    def after_step(self, lrs):
+        for k in self.in_mode("proximal"):
+            # ISTA: after a gradient step of size lr, the prox of lr·λ·|w| is soft-thresholding by lr·λ
+            # (see l1_l2.py for when this is exact).
+            shrink = l1_l2.proximal_l1_ if self.settings[k]["impl"] == "scratch" else l1_l2.proximal_l1_torch_
+            shrink(self.params[k], lrs[k] * self.strength(k))
 
 
 class Dropout(Technique):
@@ -140,69 +174,68 @@ class Dropout(Technique):
 
     name = "dropout"
 
-    def __init__(
-        self,
-        p: float,
-        input_p: float = 0.0,
-        conv_p: float | None = None,
-        conv_kind: str = "channel",
-        max_norm: float | None = None,
-        impl: str = "scratch",
-        mc_samples: int = 0,
-    ):
-        self.p, self.input_p, self.conv_p, self.conv_kind = p, input_p, conv_p, conv_kind
-        self.max_norm, self.impl, self.mc_samples = max_norm, impl, mc_samples
-        self.model: nn.Module | None = None
-
-    def setup(self, model):
-        self.model = model
-
-    def dropout_plan(self):
-        from reglab.models import DropoutPlan
-
-        conv_p = self.p if self.conv_p is None else self.conv_p
+    def dropout_plan(self, member):
+        s = self.settings[member]
+        if s is None:
+            return None
+        conv_p = s["p"] if s["conv_p"] is None else s["conv_p"]
         return DropoutPlan(
-            p=self.p, input_p=self.input_p, conv_p=conv_p, conv_kind=self.conv_kind, impl=self.impl
+            p=s["p"], input_p=s["input_p"], conv_p=conv_p, conv_kind=s["conv_kind"], impl=s["impl"]
         )
 
-    def after_step(self, optimizer):
-        if self.max_norm is not None:
-            dropout_lib.max_norm_(self.model, self.max_norm)
+    def setup(self, model):
+        from reglab.models import member_weights  # models.py builds its dropout layers from this package
+
+        self.constrained = {
+            k: member_weights(model, k, output_layer=self.settings[k]["max_norm_output"])
+            for k in self.members()
+            if self.settings[k]["max_norm"] is not None
+        }
+
+    def after_step(self, lrs):
+        for k, weights in self.constrained.items():
+            if self.settings[k] is not None:
+                dropout_lib.max_norm_(weights, self.settings[k]["max_norm"])
 
 
 class LabelSmoothing(Technique):
-    """Soft targets in the data loss."""
+    """Soft targets in the data loss, per member: ε and the variant; members without it keep plain cross-entropy."""
 
     name = "label_smoothing"
 
-    def __init__(self, eps: float, variant: str = "uniform", impl: str = "scratch"):
-        self.eps, self.variant, self.impl = eps, variant, impl
-
-    def data_loss(self):
-        if self.impl == "torch":
-            return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=self.eps)
-        return lambda logits, y: label_smoothing_cross_entropy(logits, y, self.eps, variant=self.variant)
+    def data_loss(self, logits, y, loss):
+        smoothed = list(loss.unbind())
+        for k in self.members():
+            s = self.settings[k]
+            if s["impl"] == "torch":
+                smoothed[k] = F.cross_entropy(logits[k], y[k], label_smoothing=s["eps"])
+            else:
+                smoothed[k] = label_smoothing_cross_entropy(logits[k], y[k], s["eps"], variant=s["variant"])
+        return torch.stack(smoothed)
 
 
 class EarlyStoppingTechnique(Technique):
-    """Stops training when the monitored metric stops improving; restores the best weights at the end."""
+    """Stops a member when its monitored metric stops improving; restores its best weights at the end."""
 
     name = "early_stopping"
 
-    def __init__(self, **kwargs):
-        self.stopper = EarlyStopping(**kwargs)
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.stoppers = {k: EarlyStopping(**s) for k, s in enumerate(settings) if s is not None}
 
-    def end_epoch(self, metrics, epoch, model):
-        return self.stopper.step(metrics[self.stopper.monitor], epoch, model=model)
+    def end_epoch(self, member, metrics, epoch, model):
+        stopper = self.stoppers.get(member)
+        return stopper is not None and stopper.step(metrics[stopper.monitor], epoch, model=model)
 
-    def end_training(self, model):
-        self.stopper.restore(model)
+    def selection(self, member):
+        return self.stoppers.get(member)
 
-    def state_dict(self):
-        return self.stopper.state_dict()
+    def state_dict(self, member):
+        return self.stoppers[member].state_dict() if member in self.stoppers else {}
 
-    def load_state_dict(self, state):
-        self.stopper.load_state_dict(state)
+    def load_state_dict(self, member, state):
+        if member in self.stoppers:
+            self.stoppers[member].load_state_dict(state)
 
 
 BUILDERS = {
@@ -215,70 +248,85 @@ BUILDERS = {
 
 
 class Regularization:
-    """All active techniques; each method fans one hook out over them."""
+    """All techniques of a stack; each method fans one hook out over them."""
 
-    def __init__(self, techniques: list[Technique]):
-        self.techniques = techniques
-        self.names = [t.name for t in techniques]
-        self._penalties = [t for t in techniques if type(t).penalty is not Technique.penalty]
-        self._before = [t for t in techniques if type(t).before_step is not Technique.before_step]
-        self._after = [t for t in techniques if type(t).after_step is not Technique.after_step]
-        losses = [t.data_loss() for t in techniques if t.data_loss() is not None]
-        if len(losses) > 1:
-            raise ConfigError("regularizer", self.names, "at most one technique that replaces the data loss")
-        self.data_loss: Callable[[Tensor, Tensor], Tensor] = losses[0] if losses else F.cross_entropy
+    def __init__(self, techniques: list[Technique], members: int):
+        self.techniques, self.size = techniques, members
 
-    def get(self, name: str) -> Technique | None:
-        return next((t for t in self.techniques if t.name == name), None)
+    def names(self, member: int) -> list[str]:
+        """The techniques member k uses, in a fixed order."""
+        return [t.name for t in self.techniques if t.settings[member] is not None]
 
-    def dropout_plan(self):
-        from reglab.models import DropoutPlan
-
-        plans = [t.dropout_plan() for t in self.techniques if t.dropout_plan() is not None]
-        return plans[0] if plans else DropoutPlan()
+    def dropout_plans(self) -> list[DropoutPlan]:
+        plans = []
+        for k in range(self.size):
+            plans.append(
+                next((p for t in self.techniques if (p := t.dropout_plan(k)) is not None), DropoutPlan())
+            )
+        return plans
 
     def setup(self, model: nn.Module) -> None:
         for t in self.techniques:
             t.setup(model)
 
-    def optimizer_decay(self) -> tuple[float, bool]:
-        """(λ, decoupled) for the optimizer; (0, False) when no technique asks for built-in decay."""
-        decays = [t.optimizer_decay() for t in self.techniques if t.optimizer_decay() is not None]
-        return decays[0] if decays else (0.0, False)
+    def optimizer_settings(self, member: int) -> dict:
+        settings: dict = {}
+        for t in self.techniques:
+            settings.update(t.optimizer_settings(member))
+        return settings
+
+    def data_loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Each member's mean cross-entropy over its batch [K], then whatever the techniques make of it."""
+        members, batch = y.shape
+        loss = (
+            F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(members, batch).mean(1)
+        )
+        for t in self.techniques:
+            loss = t.data_loss(logits, y, loss)
+        return loss
 
     def penalty(self) -> Tensor | None:
-        """Sum of the loss penalties, or None when no technique adds one (the step then skips the add)."""
-        terms = [term for t in self._penalties if (term := t.penalty()) is not None]
+        """Sum of the per-member penalties [K], or None when no technique adds one (the step then skips the add)."""
+        terms = [term for t in self.techniques if (term := t.penalty()) is not None]
         return sum(terms[1:], terms[0]) if terms else None
 
-    def before_step(self, optimizer) -> None:
-        for t in self._before:
-            t.before_step(optimizer)
+    def before_step(self, lrs: list[float]) -> None:
+        for t in self.techniques:
+            t.before_step(lrs)
 
-    def after_step(self, optimizer) -> None:
+    def after_step(self, lrs: list[float]) -> None:
         with torch.no_grad():
-            for t in self._after:
-                t.after_step(optimizer)
+            for t in self.techniques:
+                t.after_step(lrs)
 
-    def end_epoch(self, metrics: dict[str, float], epoch: int, model: nn.Module) -> bool:
-        stops = [t.end_epoch(metrics, epoch, model) for t in self.techniques]
+    def end_epoch(self, member: int, metrics: dict[str, float], epoch: int, model: MemberView) -> bool:
+        stops = [t.end_epoch(member, metrics, epoch, model) for t in self.techniques]
         return any(stops)
 
-    def end_training(self, model: nn.Module) -> None:
+    def selection(self, member: int) -> EarlyStopping | None:
+        return next((s for t in self.techniques if (s := t.selection(member)) is not None), None)
+
+    def retire(self, member: int) -> None:
         for t in self.techniques:
-            t.end_training(model)
+            t.retire(member)
 
-    def state_dict(self) -> dict:
-        return {t.name: t.state_dict() for t in self.techniques}
+    def state_dict(self, member: int) -> dict:
+        return {t.name: t.state_dict(member) for t in self.techniques}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, member: int, state: dict) -> None:
         for t in self.techniques:
-            t.load_state_dict(state.get(t.name, {}))
+            t.load_state_dict(member, state.get(t.name, {}))
 
 
-def build_regularization(cfg) -> Regularization:
-    """One `Technique` per sub-node of the `regularizer` config node, in a fixed order."""
-    unknown = [name for name in cfg if name not in BUILDERS]
-    if unknown:
-        raise ConfigError("regularizer", unknown[0], f"one of {', '.join(TECHNIQUES)}")
-    return Regularization([BUILDERS[name](**cfg[name]) for name in TECHNIQUES if name in cfg])
+def build_regularization(nodes: list[dict]) -> Regularization:
+    """One `Technique` per technique that any member's `regularizer` config node names, in a fixed order."""
+    for node in nodes:
+        unknown = [name for name in node if name not in BUILDERS]
+        if unknown:
+            raise ConfigError("regularizer", unknown[0], f"one of {', '.join(TECHNIQUES)}")
+    techniques = [
+        BUILDERS[name]([dict(node[name]) if name in node else None for node in nodes])
+        for name in TECHNIQUES
+        if any(name in node for node in nodes)
+    ]
+    return Regularization(techniques, len(nodes))

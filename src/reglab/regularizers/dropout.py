@@ -14,22 +14,22 @@ Monte Carlo dropout (Gal & Ghahramani 2016) keeps dropout on at test time and av
 ``samples`` stochastic forward passes; the entropy of that mean, H = -Σ_k p̄_k log p̄_k, is a cheap measure of
 predictive uncertainty.
 
-Max-norm (Srivastava et al. 2014, section 5.1) constrains the incoming weight vector of every unit to
+Max-norm (Srivastava et al. 2014, section 5.1) constrains the incoming weight vector of every hidden unit to
 ‖w‖₂ <= c after each optimizer step; the paper pairs it with dropout so that large learning rates cannot blow
-the weights up.
+the weights up. The output layer is left alone unless asked for (`max_norm_output`).
 
-Each technique exists from scratch (``dropout``, ``channel_dropout``, ``Dropout``, ``ChannelDropout``) and as
-the PyTorch built-in (``nn.Dropout``, ``nn.Dropout1d/2d/3d``); ``build_dropout`` picks one of them.
+Dropout exists from scratch (``dropout``, ``channel_dropout``: a mask from an explicit generator) and as the
+PyTorch built-in (``F.dropout``, ``F.dropout1d/2d/3d``: masks from torch's global generator); ``StackedDropout``
+applies either to each member of a stack of networks (models.py) with that member's own rate.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from dataclasses import dataclass
 
-IMPLEMENTATIONS = ("scratch", "torch")
-SPATIAL_DIMS = (0, 1, 2, 3)
-_TORCH_DROPOUT_BY_SPATIAL_DIMS = {0: nn.Dropout, 1: nn.Dropout1d, 2: nn.Dropout2d, 3: nn.Dropout3d}
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def _check_probability(p: float) -> None:
@@ -79,106 +79,127 @@ def channel_dropout(
     return x * _scaled_keep_mask(x, mask_shape, p, generator)
 
 
-class Dropout(nn.Module):
-    """From-scratch element-wise dropout layer; active in ``train()`` mode, identity in ``eval()`` mode."""
+def torch_dropout(x: Tensor, p: float, spatial_dims: int) -> Tensor:
+    """The built-in twin: ``F.dropout`` (element-wise) or ``F.dropout1d/2d/3d`` (channel-wise), training mode.
+    Its masks come from torch's global generator."""
+    if spatial_dims == 0:
+        return F.dropout(x, p, training=True)
+    channel_wise = {1: F.dropout1d, 2: F.dropout2d, 3: F.dropout3d}[spatial_dims]
+    return channel_wise(x, p, training=True)
 
-    def __init__(self, p: float = 0.5) -> None:
+
+@dataclass(frozen=True)
+class DropoutPlan:
+    """Where and how strongly one member drops activations."""
+
+    p: float = 0.0  # after every hidden dense layer
+    input_p: float = 0.0  # on the input
+    conv_p: float = 0.0  # after every conv block
+    conv_kind: str = "channel"  # channel: whole feature maps; element: single activations
+    impl: str = "scratch"  # scratch | torch
+
+    def rate(self, where: str) -> float:
+        return {"input": self.input_p, "dense": self.p, "conv": self.conv_p}[where]
+
+
+class StackedDropout(nn.Module):
+    """Dropout for K members at once, each with its own rate, kind and implementation.
+
+    Member k's slice [B, ...] is dropped exactly as a lone network's would be: the scratch version draws its mask
+    from member k's own generator, so a member's masks do not depend on which other members share the stack.
+    Members with rate 0 pass through untouched. Identity in eval mode.
+    """
+
+    def __init__(self, rates, channel_dims, impls, generators):
         super().__init__()
-        _check_probability(p)
-        self.p = p
+        for p in rates:
+            _check_probability(p)
+        self.rates, self.channel_dims, self.impls, self.generators = rates, channel_dims, impls, generators
+        self.only: int | None = None  # Monte Carlo dropout of one member: the others pass through
+
+    @classmethod
+    def at(
+        cls, where: str, plans: list[DropoutPlan], generators, spatial_dims: int = 0
+    ) -> StackedDropout | None:
+        """The layer at `where` (input | dense | conv) for these members; None when no member drops there."""
+        rates = [plan.rate(where) for plan in plans]
+        if not any(rates):
+            return None
+        channel_dims = [
+            spatial_dims if where == "conv" and plan.conv_kind == "channel" else 0 for plan in plans
+        ]
+        return cls(rates, channel_dims, [plan.impl for plan in plans], generators)
 
     def forward(self, x: Tensor) -> Tensor:
-        return dropout(x, self.p, self.training)
+        if not self.training:
+            return x
+        return torch.stack([self._drop(x[k], k) for k in range(len(self.rates))])
+
+    def _drop(self, x: Tensor, member: int) -> Tensor:
+        p, dims = self.rates[member], self.channel_dims[member]
+        if p == 0.0 or self.only not in (None, member):
+            return x
+        if self.impls[member] == "torch":
+            return torch_dropout(x, p, dims)
+        drop = channel_dropout if dims else dropout
+        return drop(x, p, generator=self.generators[member])
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.rates}"
 
 
-class ChannelDropout(Dropout):
-    """From-scratch channel-wise dropout layer (the scratch twin of ``nn.Dropout1d/2d/3d``)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return channel_dropout(x, self.p, self.training)
-
-
-def build_dropout(p: float, impl: str = "scratch", spatial_dims: int = 0) -> nn.Module:
-    """Return a dropout layer: ``impl`` in {"scratch", "torch"}; ``spatial_dims`` 0 means element-wise.
-
-    spatial_dims=0 gives element-wise dropout on any shape (also on conv feature maps); 1, 2 or 3 give
-    channel dropout for (N, C, L), (N, C, H, W) or (N, C, D, H, W) inputs. ``p == 0`` returns ``nn.Identity``.
-    """
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"build_dropout: unknown impl={impl!r}; allowed values are {IMPLEMENTATIONS}")
-    if spatial_dims not in SPATIAL_DIMS:
-        raise ValueError(
-            f"build_dropout: unknown spatial_dims={spatial_dims!r}; allowed values are {SPATIAL_DIMS}"
-        )
-    _check_probability(p)
-    if p == 0.0:
-        return nn.Identity()
-    if impl == "torch":
-        return _TORCH_DROPOUT_BY_SPATIAL_DIMS[spatial_dims](p)
-    return Dropout(p) if spatial_dims == 0 else ChannelDropout(p)
-
-
-def _is_dropout(module: nn.Module) -> bool:
-    # _DropoutNd is the common base of nn.Dropout, nn.Dropout1d/2d/3d and the alpha-dropout variants.
-    return isinstance(module, (Dropout, ChannelDropout, nn.modules.dropout._DropoutNd))
-
-
-def mc_predict(model: nn.Module, x: Tensor, samples: int) -> tuple[Tensor, Tensor]:
+def mc_predict(
+    model: nn.Module, x: Tensor, samples: int, batch_size: int, members: int, only: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Monte Carlo dropout: mean softmax over ``samples`` stochastic passes and its predictive entropy.
 
-    The model runs in eval mode (batch norm uses its running statistics) with only the dropout layers in train
-    mode. Returns ``(mean_probs, entropy)`` of shapes (N, K) and (N,), with entropy = -Σ_k p̄_k log p̄_k
-    in nats.
-    Every module's train/eval flag is restored afterwards.
+    Only the dropout layers run in training mode (every module's mode is restored afterwards), and with ``only``
+    only that member's layers drop (the others draw nothing from their generators); the inputs go through in
+    chunks of ``batch_size``. Returns ``(mean_probs, entropy)`` of shapes [K, N, classes] and [K, N],
+    with entropy = -Σ_c p̄_c log p̄_c in nats.
     """
     if samples < 1:
         raise ValueError(f"mc_predict needs samples >= 1, got samples={samples}")
+    from reglab.models import predict
+
     previous_modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
         for module in model.modules():
-            if _is_dropout(module):
+            if isinstance(module, StackedDropout):
                 module.train()
+                module.only = only
         with torch.no_grad():
-            mean_probs = sum(torch.softmax(model(x), dim=-1) for _ in range(samples)) / samples
+            chunks = [
+                sum(
+                    torch.softmax(predict(model, x[i : i + batch_size], members), dim=-1)
+                    for _ in range(samples)
+                )
+                / samples
+                for i in range(0, len(x), batch_size)
+            ]
     finally:
         for module, was_training in previous_modes.items():
             module.training = was_training
+            if isinstance(module, StackedDropout):
+                module.only = None
+    mean_probs = torch.cat(chunks, dim=1)
     # xlogy defines 0 · log 0 = 0, so classes with zero probability add nothing instead of NaN.
     entropy = -torch.special.xlogy(mean_probs, mean_probs).sum(dim=-1)
     return mean_probs, entropy
 
 
-def _output_unit_weights(module: nn.Module) -> tuple[Tensor, tuple[int, ...]]:
-    """A view of the weight whose dim 0 (and, for transposed convs, dim 2) indexes output units.
-
-    Also returns the dims that span one unit's incoming weight vector. Linear and conv weights are stored as
-    (out, in, *kernel); transposed convs as (in, out / groups, *kernel), where the incoming weights of one
-    output channel are the rows of its group: viewed as (groups, in / groups, out / groups, *kernel).
-    """
-    weight = module.weight
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        grouped = weight.unflatten(0, (module.groups, -1))
-        return grouped, (1, *range(3, grouped.ndim))
-    return weight, tuple(range(1, weight.ndim))
-
-
-def max_norm_(model: nn.Module, c: float) -> None:
+def max_norm_(weights: list[Tensor], c: float) -> None:
     """Max-norm constraint: rescale every unit's incoming weight vector w to ‖w‖₂ <= c, in place.
 
-    Applies to every ``nn.Linear`` and convolution (rows of a Linear weight, one filter per output channel of
-    a conv). Vectors already inside the ball are untouched: w <- w · min(1, c / ‖w‖₂). Call after each
-    ``optimizer.step()``.
+    ``weights`` are dense weights (out, in) or conv kernels (out, in, *kernel): dim 0 indexes the units, the rest
+    spans one unit's incoming weights. Vectors already inside the ball are untouched: w <- w · min(1, c / ‖w‖₂).
+    Call after each ``optimizer.step()``.
     """
     if c <= 0:
         raise ValueError(f"max_norm_ needs a positive norm bound c, got c={c}")
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-                weight, unit_dims = _output_unit_weights(module)
-                norms = torch.linalg.vector_norm(weight, dim=unit_dims, keepdim=True)
-                # A zero-norm vector gives c / 0 = inf, which the clamp turns into a harmless factor of 1.
-                weight.mul_((c / norms).clamp_(max=1.0))
+        for weight in weights:
+            norms = torch.linalg.vector_norm(weight, dim=tuple(range(1, weight.ndim)), keepdim=True)
+            # A zero-norm vector gives c / 0 = inf, which the clamp turns into a harmless factor of 1.
+            weight.mul_((c / norms).clamp_(max=1.0))

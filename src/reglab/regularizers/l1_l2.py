@@ -112,6 +112,20 @@ def decay_parameter_groups(
     return [group for group in groups if group["params"]]
 
 
+def member_decay_split(model: nn.Module, member: int, exclude_bias_and_norm: bool = True):
+    """(decayed, not decayed) parameters of one member of a stacked model (models.py).
+
+    With ``exclude_bias_and_norm`` only weight matrices and kernels (ndim >= 2) are decayed; biases are not. The
+    model zoo has no normalization layers, so ndim decides alone.
+    """
+    from reglab.models import member_parameters
+
+    params = [p for _, p in member_parameters(model, member)]
+    if not exclude_bias_and_norm:
+        return params, []
+    return [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+
+
 def _check_threshold(threshold: float) -> None:
     if threshold < 0:
         raise ValueError(f"soft-threshold must be >= 0 (it is lr·λ), got threshold={threshold}")

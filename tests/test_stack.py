@@ -1,0 +1,111 @@
+"""A stack of K jobs trains each job exactly as if it had run alone (CPU, float32): same metrics, same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reglab.loop import Job, Member, train_stack
+from tests.conftest import read_metrics, read_summary
+from tests.test_loop import config
+
+QUICK = ["trainer.epochs=4", "dataset.n_train=300", "trainer.save_weights=true"]
+
+# Jobs that differ in everything a stack lets them differ in. None of them draws random numbers beyond
+# initialization, batch order and (scratch) dropout masks, all from the member's own generators.
+JOBS = {
+    "seed0": ["trainer.seed=0"],
+    "seed1": ["trainer.seed=1"],
+    "lr": ["optimizer.lr=0.003"],
+    "l2_coupled": ["regularizer=l2", "regularizer.l2.weight_decay=0.01"],
+    "l2_coupled_torch": ["regularizer=l2", "regularizer.l2.weight_decay=0.01", "regularizer.l2.impl=torch"],
+    "l2_penalty": ["regularizer=l2", "regularizer.l2.mode=penalty", "regularizer.l2.weight_decay=0.01"],
+    "l2_decoupled": ["regularizer=l2", "regularizer.l2.mode=decoupled", "regularizer.l2.weight_decay=0.1"],
+    "l2_decoupled_torch": [
+        "regularizer=l2",
+        "regularizer.l2.mode=decoupled",
+        "regularizer.l2.weight_decay=0.1",
+        "regularizer.l2.impl=torch",
+    ],
+    "l1_proximal": ["regularizer=l1", "regularizer.l1.strength=0.01"],
+    "l1_subgradient": ["regularizer=l1", "regularizer.l1.mode=subgradient", "regularizer.l1.impl=torch"],
+    "label_smoothing": ["regularizer=label_smoothing", "regularizer.label_smoothing.eps=0.2"],
+    "label_smoothing_torch": ["regularizer=label_smoothing", "regularizer.label_smoothing.impl=torch"],
+    "early_stopping": [
+        "regularizer=early_stopping",
+        "regularizer.early_stopping.patience=1",
+        "regularizer.early_stopping.monitor=train/loss",
+        "regularizer.early_stopping.mode=max",
+    ],
+    "dropout": ["regularizer=dropout", "regularizer.dropout.p=0.5", "regularizer.dropout.max_norm=2.0"],
+    "label_noise": ["dataset.label_noise=0.3", "trainer.seed=2"],
+    "everything": [
+        "regularizer=[l1,l2,dropout,label_smoothing]",
+        "regularizer.l1.mode=subgradient",
+        "regularizer.l2.mode=penalty",
+        "regularizer.dropout.input_p=0.1",
+    ],
+}
+
+
+def without_time(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+
+
+def run(tmp_path, data_root, names: list[str], where: str, extra=()) -> None:
+    members = [
+        Member(cfg=config(data_root, *QUICK, *extra, *JOBS[name]), run_dir=tmp_path / where / name, job=Job())
+        for name in names
+    ]
+    for member in members:
+        member.run_dir.mkdir(parents=True)
+    train_stack(members)
+
+
+@pytest.fixture(scope="module")
+def alone_and_stacked(tmp_path_factory, data_root):
+    tmp_path = tmp_path_factory.mktemp("stack")
+    for name in JOBS:
+        run(tmp_path, data_root, [name], "alone")
+    run(tmp_path, data_root, list(JOBS), "stacked")
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", list(JOBS))
+def test_a_stacked_job_equals_its_lone_run_bit_for_bit(alone_and_stacked, name):
+    alone, stacked = alone_and_stacked / "alone" / name, alone_and_stacked / "stacked" / name
+    assert without_time(read_metrics(stacked)) == without_time(read_metrics(alone))
+    for weights in ("best.pt", "last.pt"):
+        mine, theirs = torch.load(stacked / weights), torch.load(alone / weights)
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[key], theirs[key]) for key in mine)
+    summary, lone = read_summary(stacked), read_summary(alone)
+    assert summary["stack"]["size"] == len(JOBS) and lone["stack"]["size"] == 1
+    varying = ("wall_time_s", "train_time_s", "stack", "run_dir")
+    assert {k: v for k, v in summary.items() if k not in varying} == {
+        k: v for k, v in lone.items() if k not in varying
+    }
+
+
+def test_early_stopping_ends_one_member_while_the_others_go_on(alone_and_stacked):
+    stopped = read_summary(alone_and_stacked / "stacked" / "early_stopping")
+    assert stopped["status"] == "early_stopped" and stopped["epochs_run"] < 4
+    assert read_summary(alone_and_stacked / "stacked" / "seed0")["epochs_run"] == 4
+
+
+def test_a_diverging_member_never_touches_the_others(tmp_path, data_root):
+    JOBS["diverges"] = ["optimizer=sgd", "optimizer.lr=1e30"]
+    JOBS["sgd"] = ["optimizer=sgd"]
+    try:
+        run(tmp_path, data_root, ["diverges", "sgd"], "stacked")
+        run(tmp_path, data_root, ["sgd"], "alone")
+    finally:
+        del JOBS["diverges"], JOBS["sgd"]
+    assert read_summary(tmp_path / "stacked" / "diverges")["status"] == "diverged"
+    assert without_time(read_metrics(tmp_path / "stacked" / "sgd")) == without_time(
+        read_metrics(tmp_path / "alone" / "sgd")
+    )
+    assert (
+        read_summary(tmp_path / "stacked" / "sgd")["test/acc"]
+        == read_summary(tmp_path / "alone" / "sgd")["test/acc"]
+    )
