@@ -92,7 +92,7 @@ def test_weight_statistics_of_a_member_leave_biases_out():
     model = build_model({"name": "mlp", "hidden": [5], "activation": "relu"}, arch)
     weights = member_weights(model, 1)
     assert [tuple(w.shape) for w in weights] == [(5, 4), (3, 5)]
-    assert weights[0] is model.dense1.weight[1]
+    assert torch.equal(weights[0], model.dense1.weight[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------

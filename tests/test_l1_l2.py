@@ -25,8 +25,9 @@ def _generator(seed: int = 0) -> torch.Generator:
 
 
 def _tensors() -> list[torch.Tensor]:
+    """Parameters of a stack of two members: the first dimension indexes the member."""
     g = _generator()
-    return [torch.randn(5, 3, generator=g), torch.randn(7, generator=g), torch.zeros(2, 2)]
+    return [torch.randn(2, 5, 3, generator=g), torch.randn(2, 7, generator=g), torch.zeros(2, 2, 2)]
 
 
 def _model() -> nn.Module:
@@ -50,11 +51,12 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_penalties_match_builtin_norms_and_flat_formulas():
     tensors = _tensors()
-    flat = torch.cat([t.flatten() for t in tensors])
     torch.testing.assert_close(l1_penalty(tensors), l1_penalty_torch(tensors))
     torch.testing.assert_close(l2_penalty(tensors), l2_penalty_torch(tensors))
-    torch.testing.assert_close(l1_penalty(tensors), flat.abs().sum())
-    torch.testing.assert_close(l2_penalty(tensors), flat.dot(flat))  # Σw², no factor 1/2
+    for member in range(2):
+        flat = torch.cat([t[member].flatten() for t in tensors])
+        torch.testing.assert_close(l1_penalty(tensors)[member], flat.abs().sum())
+        torch.testing.assert_close(l2_penalty(tensors)[member], flat.dot(flat))  # Σw², no factor 1/2
     assert l1_penalty([]).item() == 0.0 and l2_penalty_torch([]).item() == 0.0
 
 
@@ -63,7 +65,7 @@ def test_penalty_gradients_agree():
         grads = []
         for penalty in (scratch, builtin):
             tensors = [t.requires_grad_() for t in _tensors()]
-            penalty(tensors).backward()
+            penalty(tensors).sum().backward()
             grads.append(torch.cat([t.grad.flatten() for t in tensors]))
         torch.testing.assert_close(grads[0], grads[1])
 
@@ -123,7 +125,10 @@ def test_half_l2_penalty_equals_sgd_weight_decay():
     model = _model()
     params = decayed_parameters(model)
     scratch = _train(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), 1, penalty=lambda: LAMBDA / 2 * l2_penalty(params)
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        1,
+        penalty=lambda: LAMBDA / 2 * l2_penalty([p.unsqueeze(0) for p in params]).sum(),
     )
     torch.testing.assert_close(scratch, builtin)
 
@@ -219,7 +224,9 @@ def _fit_lasso(proximal: bool, steps: int = 300, lr: float = 0.05, strength: flo
     for _ in range(steps):
         loss = ((x @ w - y) ** 2).mean() / 2
         if not proximal:
-            loss = loss + strength * l1_penalty([w])  # subgradient: sign(w) jitters w around 0
+            loss = (
+                loss + strength * l1_penalty([w.unsqueeze(0)]).sum()
+            )  # subgradient: sign(w) jitters w around 0
         (grad,) = torch.autograd.grad(loss, w)
         with torch.no_grad():
             w -= lr * grad

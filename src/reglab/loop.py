@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from reglab import checkpoint, diagnostics
 from reglab.data import DataSplits, load_stack_data, shift_and_flip
 from reglab.errors import BAD_INPUT, FINISHED
-from reglab.models import Architecture, MemberView, build_model, member_weights, predict
+from reglab.models import Architecture, MemberView, build_model, member_weights, predict, share_gradients
 from reglab.regularizers import Regularization, build_regularization
 from reglab.regularizers.early_stopping import EarlyStopping
 from reglab.regularizers.l1_l2 import member_decay_split
@@ -404,7 +404,7 @@ def train_one_epoch(
 ):
     """One pass over the batches; returns each member's mean data loss and mean penalty ([K] tensors, no host sync)."""
     model.train()
-    finished = [p for k, m in enumerate(stack.members) if not m.running for p in member_params(model, k)]
+    training = [k for k, _ in stack.running()]
     data_losses, penalties = [], []
     for x, y in batches:
         with precision:
@@ -412,13 +412,10 @@ def train_one_epoch(
             data_loss = regs.data_loss(logits.float(), y)  # [K]
         penalty = regs.penalty()
         loss = data_loss if penalty is None else data_loss + penalty
-        optimizer.zero_grad(set_to_none=True)
         # the members are independent: the gradient of the sum for member k's weights is that of its own loss
         loss.sum().backward()
-        for (
-            param
-        ) in finished:  # a finished member is no longer updated (the optimizer skips tensors without grad)
-            param.grad = None
+        # each member's slices get their gradients; a finished member none, so the optimizer leaves it alone
+        share_gradients(model, training)
         regs.before_step(lrs)
         optimizer.step()
         regs.after_step(lrs)

@@ -1,10 +1,11 @@
 """The model zoo, as stacks: K independent networks of one architecture trained side by side.
 
-Every layer holds K sets of parameters, one per *member* (one job of a sweep), and computes all K at once on inputs
-shaped [K, B, ...]: a dense layer is one batched matmul, y_k = x_k W_kᵀ + b_k (`torch.baddbmm`). An ordinary run is
-simply K = 1. Each member keeps its own parameter tensors (stacked only for the forward pass), so the optimizer
-updates member k's tensors exactly as it would update a network trained alone, and member k's results equal its
-one-by-one run bit for bit (tests/test_stack.py).
+Every layer holds its parameters stacked along a leading member dimension, one slice per *member* (one job of a
+sweep), and computes all K at once on inputs shaped [K, B, ...]: a dense layer is one batched matmul,
+y_k = x_k W_kᵀ + b_k (`torch.baddbmm`). An ordinary run is simply K = 1. The optimizer never sees the stacked
+tensors: it updates each member's slice as a tensor of its own (`member_parameters`, leaf views into the stack
+that receive their slice of the gradient, `share_gradients`), exactly as it would update a network trained alone,
+so member k's results equal its one-by-one run bit for bit (tests/test_stack.py).
 
 The networks: an MLP, a 1-D CNN for signals and a 2-D CNN for images. Input and output sizes come from the data
 set, never from the user. Convolutions are written as unfold + batched matmul: measured here, that keeps a
@@ -29,29 +30,29 @@ MODELS = ("mlp", "cnn1d", "cnn")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
-def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound, generator=generator))
+def _stacked_uniform(
+    weight_shape: tuple[int, ...], fan_in: int, generators: list[torch.Generator]
+) -> tuple[nn.Parameter, nn.Parameter]:
+    """Weights [K, *weight_shape] and biases [K, out], initialized as `nn.Linear`/`nn.Conv*` are by default:
+    uniform in ±1/√fan_in, member k's drawn from its own generator (weight first, then bias, like PyTorch)."""
+    bound = 1 / math.sqrt(fan_in)
+    weight = torch.empty(len(generators), *weight_shape)
+    bias = torch.empty(len(generators), weight_shape[0])
+    for k, generator in enumerate(generators):
+        weight[k].uniform_(-bound, bound, generator=generator)
+        bias[k].uniform_(-bound, bound, generator=generator)
+    return nn.Parameter(weight), nn.Parameter(bias)
 
 
 class StackedLinear(nn.Module):
-    """K dense layers: x [K, B, in] -> [K, B, out], y_k = x_k W_kᵀ + b_k.
-
-    Initialized as `nn.Linear` is by default: W and b uniform in ±1/√fan_in, drawn from each member's own generator.
-    """
+    """K dense layers: x [K, B, in] -> [K, B, out], y_k = x_k W_kᵀ + b_k."""
 
     def __init__(self, in_features: int, out_features: int, generators: list[torch.Generator]):
         super().__init__()
-        bound = 1 / math.sqrt(in_features)
-        self.weight = nn.ParameterList()
-        self.bias = nn.ParameterList()
-        for generator in generators:
-            self.weight.append(_uniform((out_features, in_features), bound, generator))
-            self.bias.append(_uniform((out_features,), bound, generator))
+        self.weight, self.bias = _stacked_uniform((out_features, in_features), in_features, generators)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = torch.stack(list(self.weight))  # [K, out, in]
-        bias = torch.stack(list(self.bias)).unsqueeze(1)  # [K, 1, out]
-        return torch.baddbmm(bias, x, weight.transpose(1, 2))
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
 
 
 class StackedConv(nn.Module):
@@ -65,23 +66,15 @@ class StackedConv(nn.Module):
         super().__init__()
         self.kernel, self.spatial_dims = kernel_size, spatial_dims
         self.stride = 2 if spatial_dims == 1 else 1
-        fan_in = in_channels * kernel_size**spatial_dims
-        bound = 1 / math.sqrt(fan_in)
-        self.weight = nn.ParameterList()
-        self.bias = nn.ParameterList()
-        for generator in generators:
-            self.weight.append(
-                _uniform((out_channels, in_channels, *[kernel_size] * spatial_dims), bound, generator)
-            )
-            self.bias.append(_uniform((out_channels,), bound, generator))
+        shape = (out_channels, in_channels, *[kernel_size] * spatial_dims)
+        self.weight, self.bias = _stacked_uniform(shape, in_channels * kernel_size**spatial_dims, generators)
 
     def forward(self, x: Tensor) -> Tensor:
         members, batch = x.shape[:2]
         patches, out_size = self._patches(x.flatten(0, 1))  # [K·B, C·k…, positions]
         patches = patches.view(members, batch, *patches.shape[1:]).transpose(2, 3).flatten(1, 2)
-        weight = torch.stack(list(self.weight)).flatten(2)  # [K, out, C·k…]
-        bias = torch.stack(list(self.bias)).unsqueeze(1)  # [K, 1, out]
-        out = torch.baddbmm(bias, patches, weight.transpose(1, 2))  # [K, B·positions, out]
+        weight = self.weight.flatten(2)  # [K, out, C·k…]
+        out = torch.baddbmm(self.bias.unsqueeze(1), patches, weight.transpose(1, 2))  # [K, B·positions, out]
         return (
             out.view(members, batch, -1, weight.shape[1])
             .transpose(2, 3)
@@ -217,20 +210,16 @@ def conv_body(cfg, arch: Architecture, layers: Layers) -> tuple[list[nn.Module],
 
 
 def member_state(model: nn.Module, member: int) -> dict[str, Tensor]:
-    """Member `member`'s weights under plain names ('1.weight'), as if it had been trained alone (best.pt, last.pt)."""
-    state = {}
-    for name, tensor in model.state_dict().items():
-        prefix, _, index = name.rpartition(".")
-        if index.isdigit() and int(index) == member:
-            state[prefix] = tensor.detach().clone()
-    return state
+    """Member `member`'s weights under the model's names ('dense1.weight'), as if it had been trained alone
+    (best.pt, last.pt)."""
+    return {name: tensor[member].detach().clone() for name, tensor in model.state_dict().items()}
 
 
 def load_member_state(model: nn.Module, member: int, state: dict[str, Tensor]) -> None:
-    """Load one member's weights (from `member_state`) into its slot of the stack."""
+    """Load one member's weights (from `member_state`) into its slice of the stack."""
     with torch.no_grad():
         for name, tensor in state.items():
-            model.get_parameter(f"{name}.{member}").copy_(tensor)
+            model.get_parameter(name)[member].copy_(tensor)
 
 
 class MemberView:
@@ -246,14 +235,34 @@ class MemberView:
         load_member_state(self.model, self.member, state)
 
 
-def member_parameters(model: nn.Module, member: int) -> list[tuple[str, nn.Parameter]]:
-    """(plain name, parameter) of one member, in layer order."""
-    params = []
-    for name, param in model.named_parameters():
-        prefix, _, index = name.rpartition(".")
-        if int(index) == member:
-            params.append((prefix, param))
-    return params
+def member_parameters(model: nn.Module, member: int) -> list[tuple[str, Tensor]]:
+    """(name, tensor) of one member's parameters, in layer order: leaf views of its slice of each stacked parameter.
+
+    The views are made once per model (after it moved to its device) and kept, so that the optimizer, weight decay
+    and the proximal step update the member in place, each slice as a tensor of its own. Their gradients come from
+    `share_gradients`."""
+    return [(name, slices[member]) for name, _, slices in _slices(model)]
+
+
+def _slices(model: nn.Module) -> list[tuple[str, nn.Parameter, list[Tensor]]]:
+    """(name, stacked parameter, its per-member leaf views), made on first use and kept on the model."""
+    if "_member_slices" not in model.__dict__:
+        model.__dict__["_member_slices"] = [
+            (name, param, [param.detach()[k].requires_grad_() for k in range(param.shape[0])])
+            for name, param in model.named_parameters()
+        ]
+    return model.__dict__["_member_slices"]
+
+
+def share_gradients(model: nn.Module, members: list[int]) -> None:
+    """Hand each listed member its slice of the stacked gradients (views, no copy); the others get none, so the
+    optimizer skips them. Then the stacked gradients are dropped: the next backward pass starts afresh."""
+    for _, param, slices in _slices(model):
+        for view in slices:
+            view.grad = None
+        for k in members:
+            slices[k].grad = param.grad[k]
+        param.grad = None
 
 
 def member_weights(model: nn.Module, member: int, output_layer: bool = True) -> list[Tensor]:

@@ -97,11 +97,22 @@ class WeightNormTechnique(Technique):
     strength_key = "strength"
 
     def setup(self, model):
-        self.device = next(model.parameters()).device
+        from reglab.models import member_parameters
+
         self.params = {
             k: l1_l2.member_decay_split(model, k, self.settings[k]["exclude_bias_and_norm"])[0]
             for k in self.members()
         }
+        # for the penalties: the stacked parameters, and per member whether each one counts (biases only when
+        # not excluded), as 1.0 / 0.0 factors
+        self.stacked = [param for _, param in model.named_parameters()]
+        decayed = {k: {id(p) for p in self.params[k]} for k in self.members()}
+        self.counts = [
+            torch.tensor(
+                [float(k in decayed and id(view) in decayed[k]) for k, (_, view) in enumerate(views)]
+            )
+            for views in zip(*(member_parameters(model, k) for k in range(len(self.settings))), strict=True)
+        ]
 
     def strength(self, member: int) -> float:
         return self.settings[member][self.strength_key]
@@ -114,15 +125,28 @@ class WeightNormTechnique(Technique):
         ]
 
     def penalties(self, mode: str, scratch, builtin, scale: float) -> Tensor | None:
-        """scale·λ_k·(Σ over member k's weights) for the members in `mode`; 0 for the others."""
+        """scale·λ_k·(the penalty of member k's weights) for every member k in `mode`, 0 for the others: one
+        vectorized pass over the stacked weights per implementation in use."""
         members = self.in_mode(mode)
         if not members:
             return None
-        values = [torch.zeros((), device=self.device)] * len(self.settings)
-        for k in members:
-            total = (scratch if self.settings[k]["impl"] == "scratch" else builtin)(self.params[k])
-            values[k] = scale * self.strength(k) * total
-        return torch.stack(values)
+        device = self.stacked[0].device
+        totals = torch.zeros(len(self.settings), device=device)
+        for impl, penalty in (("scratch", scratch), ("torch", builtin)):
+            users = [k for k in members if self.settings[k]["impl"] == impl]
+            if users:
+                per_member = sum(
+                    penalty([param]) * count.to(device)
+                    for param, count in zip(self.stacked, self.counts, strict=True)
+                )
+                totals = torch.where(self.mask(users, device), per_member, totals)
+        strengths = torch.tensor(
+            [self.strength(k) if k in members else 0.0 for k in range(len(self.settings))]
+        )
+        return scale * strengths.to(device) * totals
+
+    def mask(self, members: list[int], device) -> Tensor:
+        return torch.tensor([k in members for k in range(len(self.settings))], device=device)
 
 
 class L2(WeightNormTechnique):

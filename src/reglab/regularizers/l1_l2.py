@@ -44,31 +44,32 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = (
 )
 
 
-def _sum_of(terms: list[Tensor]) -> Tensor:
-    return torch.stack(terms).sum() if terms else torch.zeros(())
+def _per_member(terms: list[Tensor]) -> Tensor:
+    return torch.stack(terms).sum(0) if terms else torch.zeros(1)
 
 
-def l1_penalty(params: Iterable[Tensor]) -> Tensor:
-    """Σ|w| over all tensors in ``params`` (multiply by λ yourself)."""
-    return _sum_of([p.abs().sum() for p in params])
+def l1_penalty(stacked: Iterable[Tensor]) -> Tensor:
+    """Σ|w| per member: ``stacked`` holds tensors [K, ...] whose first dimension indexes the members of a stack
+    (models.py); returns [K] (multiply by λ yourself). A lone tensor is a stack of one: ``t.unsqueeze(0)``."""
+    return _per_member([p.abs().flatten(1).sum(1) for p in stacked])
 
 
-def l2_penalty(params: Iterable[Tensor]) -> Tensor:
-    """Σw² over all tensors in ``params``, without a factor 1/2.
+def l2_penalty(stacked: Iterable[Tensor]) -> Tensor:
+    """Σw² per member (tensors [K, ...] -> [K], as ``l1_penalty``), without a factor 1/2.
 
     ``SGD(weight_decay=λ)`` equals adding ``λ/2 · l2_penalty(params)`` to the loss, since d/dw (λ/2 w²) = λw.
     """
-    return _sum_of([(p * p).sum() for p in params])
+    return _per_member([(p * p).flatten(1).sum(1) for p in stacked])
 
 
-def l1_penalty_torch(params: Iterable[Tensor]) -> Tensor:
-    """Built-in twin of ``l1_penalty``: Σ ‖w‖₁ via ``torch.linalg.vector_norm(ord=1)``."""
-    return _sum_of([torch.linalg.vector_norm(p, ord=1) for p in params])
+def l1_penalty_torch(stacked: Iterable[Tensor]) -> Tensor:
+    """Built-in twin of ``l1_penalty``: Σ ‖w‖₁ per member via ``torch.linalg.vector_norm(ord=1)``."""
+    return _per_member([torch.linalg.vector_norm(p.flatten(1), ord=1, dim=1) for p in stacked])
 
 
-def l2_penalty_torch(params: Iterable[Tensor]) -> Tensor:
-    """Built-in twin of ``l2_penalty``: Σ ‖w‖₂² via ``torch.linalg.vector_norm``, same convention (no 1/2)."""
-    return _sum_of([torch.linalg.vector_norm(p, ord=2) ** 2 for p in params])
+def l2_penalty_torch(stacked: Iterable[Tensor]) -> Tensor:
+    """Built-in twin of ``l2_penalty``: Σ ‖w‖₂² per member via ``torch.linalg.vector_norm``, no 1/2."""
+    return _per_member([torch.linalg.vector_norm(p.flatten(1), ord=2, dim=1) ** 2 for p in stacked])
 
 
 def _split_parameters(model: nn.Module, exclude_bias_and_norm: bool) -> tuple[list[Tensor], list[Tensor]]:

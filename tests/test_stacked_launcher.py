@@ -1,0 +1,161 @@
+"""`hydra/launcher=stacked` end to end: the same records as one job at a time, faults, W&B, and what cannot be exact."""
+
+from __future__ import annotations
+
+import math
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+from reglab import diagnostics
+from reglab.loop import Job, Member, train_stack
+from tests.conftest import ROOT, TINY, job_dirs, read_metrics, read_summary, run_train
+from tests.test_loop import config
+from tests.test_stack import without_time
+
+QUICK = ["logger=none", "trainer.plots=false", "trainer.save_weights=false"]
+GRID = ["regularizer=l2", "regularizer.l2.weight_decay=0,0.01", "trainer.seed=0,1", "model=mlp,cnn1d"]
+
+
+def test_a_stacked_sweep_records_exactly_what_the_basic_launcher_does(tmp_path, data_root):
+    runs = {}
+    for launcher in ("basic", "stacked"):
+        sweep = tmp_path / launcher
+        result = run_train(
+            ["-m", *QUICK, *TINY, *GRID, f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep}"],
+            tmp_path,
+            data_root,
+        )
+        runs[launcher] = (sweep, result.stdout)
+    (basic, _), (stacked, out) = runs["basic"], runs["stacked"]
+    assert "8 jobs in 2 stack(s)" in out and "model.name='cnn1d' (not 'mlp')" in out
+    for mine, theirs in zip(job_dirs(stacked), job_dirs(basic), strict=True):
+        assert without_time(read_metrics(mine)) == without_time(read_metrics(theirs))
+        summary = read_summary(mine)
+        assert summary["test/acc"] == read_summary(theirs)["test/acc"]
+        assert summary["stack"]["size"] == 4 and read_summary(theirs)["stack"]["size"] == 1
+    assert (stacked / "report.md").exists()
+
+
+def start(args: list[str], cwd, data_root) -> subprocess.Popen:
+    env = {"PYTHONPATH": str(ROOT / "src"), "HYDRA_FULL_ERROR": "0", "PATH": "/usr/bin:/bin"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *args, f"dataset.root={data_root}"]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_checkpoints_every_member_and_resume_finishes_them_exactly(tmp_path, data_root):
+    args = [*QUICK, "trainer.epochs=30", "trainer.checkpoint_every=0", "hydra/launcher=stacked"]
+    args += ["regularizer=[dropout,early_stopping]", "regularizer.early_stopping.patience=100", "trainer.seed=0,1,2"]
+    interrupted = tmp_path / "interrupted"
+    process = start([*args, f"hydra.sweep.dir={interrupted}"], tmp_path, data_root)
+    metrics = interrupted / "0" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, (out, err)
+    assert "trainer.resume=true" in out
+    assert all((job / "checkpoint.pt").exists() for job in job_dirs(interrupted))
+    run_train(["-m", *args, "trainer.resume=true", f"hydra.sweep.dir={interrupted}"], tmp_path, data_root)
+
+    straight = tmp_path / "straight"
+    run_train(["-m", *args, f"hydra.sweep.dir={straight}"], tmp_path, data_root)
+    for resumed, reference in zip(job_dirs(interrupted), job_dirs(straight), strict=True):
+        assert without_time(read_metrics(resumed)) == without_time(read_metrics(reference))
+        assert read_summary(resumed)["test/acc"] == read_summary(reference)["test/acc"]
+
+
+def test_rerunning_a_finished_stacked_sweep_trains_nothing(tmp_path, data_root):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *QUICK, *TINY, "trainer.seed=0,1", "hydra/launcher=stacked", f"hydra.sweep.dir={sweep}"]
+    run_train(args, tmp_path, data_root)
+    finished_at = [(job / "summary.json").stat().st_mtime_ns for job in job_dirs(sweep)]
+    result = run_train([*args, "trainer.resume=true"], tmp_path, data_root)
+    assert result.stdout.count("already finished") == 2
+    assert [(job / "summary.json").stat().st_mtime_ns for job in job_dirs(sweep)] == finished_at
+
+
+def test_every_stacked_job_gets_its_own_wandb_run(tmp_path, data_root):
+    sweep = tmp_path / "sweep"
+    run_train(
+        ["-m", "logger=wandb", *TINY, "trainer.seed=0,1,2", "hydra/launcher=stacked", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+        data_root,
+    )
+    run_ids = set()
+    for job in job_dirs(sweep):
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1
+        run_ids.add(runs[0].name.rsplit("-", 1)[1])
+    assert len(run_ids) == 3
+
+
+def test_an_unreachable_wandb_server_costs_a_stack_one_timeout(tmp_path, data_root, monkeypatch):
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # a closed port on this machine
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.delenv("WANDB_MODE")
+    sweep = tmp_path / "sweep"
+    result = run_train(
+        ["-m", "logger=wandb", "logger.wandb.mode=online", "logger.wandb.init_timeout=3", *TINY]
+        + ["trainer.seed=0,1,2", "hydra/launcher=stacked", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+        data_root,
+    )
+    assert result.stdout.count("W&B online start failed") <= 1  # the members after the first go offline at once
+    assert all(read_summary(job)["status"] == "completed" for job in job_dirs(sweep))
+    assert all(list((job / "wandb").glob("offline-run-*")) for job in job_dirs(sweep))
+
+
+def test_a_failure_while_finishing_one_member_fails_that_member_alone(tmp_path, data_root, monkeypatch):
+    broken = tmp_path / "1"
+    real_plot = diagnostics.plot_curves
+
+    def plot_curves(history, path, **kwargs):
+        if path.parent == broken:
+            raise OSError("disk full")
+        return real_plot(history, path, **kwargs)
+
+    monkeypatch.setattr(diagnostics, "plot_curves", plot_curves)
+    members = []
+    for k in range(3):
+        cfg = config(data_root, "trainer.epochs=2", "dataset.n_train=300", "trainer.plots=true", f"trainer.seed={k}")
+        (tmp_path / str(k)).mkdir()
+        members.append(Member(cfg=cfg, run_dir=tmp_path / str(k), job=Job(multirun=True)))
+    objectives = train_stack(members)
+    assert [read_summary(tmp_path / str(k))["status"] for k in range(3)] == ["completed", "failed", "completed"]
+    assert "disk full" in read_summary(broken)["error"]
+    assert math.isnan(objectives[1]) and not math.isnan(objectives[0])
+
+
+@pytest.mark.slow
+def test_builtin_dropout_in_a_stack_trains_like_one_by_one_in_distribution(tmp_path, data_root):
+    """impl=torch dropout draws its masks from torch's global generator, which the members of a stack share, so a
+    stacked member's masks differ from its lone run's (scratch dropout has a generator per member and is exact,
+    tests/test_stack.py). Over 6 seeds, mean test accuracy and ECE of stacked and one-by-one runs agree within two
+    standard errors of their difference."""
+    seeds = range(6)
+    args = ["trainer.epochs=15", "dataset.n_train=1000", "regularizer=dropout", "regularizer.dropout.impl=torch"]
+    args += ["regularizer.dropout.p=0.5"]
+
+    def runs(where: str, stacked: bool) -> list[dict]:
+        members = []
+        for seed in seeds:
+            (tmp_path / where / str(seed)).mkdir(parents=True)
+            cfg = config(data_root, *args, f"trainer.seed={seed}")
+            members.append(Member(cfg=cfg, run_dir=tmp_path / where / str(seed), job=Job()))
+        for group in [members] if stacked else [[m] for m in members]:
+            train_stack(group)
+        return [read_summary(m.run_dir) for m in members]
+
+    stacked, alone = runs("stacked", True), runs("alone", False)
+    assert any(a["test/acc"] != b["test/acc"] for a, b in zip(stacked, alone, strict=True))  # not the same masks
+    for key in ("test/acc", "test/ece"):
+        differences = [a[key] - b[key] for a, b in zip(stacked, alone, strict=True)]
+        standard_error = statistics.stdev(differences) / math.sqrt(len(differences))
+        assert abs(statistics.mean(differences)) <= 2 * standard_error + 1e-9, (key, differences)
