@@ -107,7 +107,8 @@ def test_an_unreachable_wandb_server_costs_a_stack_one_timeout(tmp_path, data_ro
         tmp_path,
         data_root,
     )
-    assert result.stdout.count("W&B online start failed") <= 1  # the members after the first go offline at once
+    # one failed online start for the whole stack (its later members go offline at once), one for the report run
+    assert result.stdout.count("W&B online start failed") == 2
     assert all(read_summary(job)["status"] == "completed" for job in job_dirs(sweep))
     assert all(list((job / "wandb").glob("offline-run-*")) for job in job_dirs(sweep))
 
@@ -137,9 +138,9 @@ def test_a_failure_while_finishing_one_member_fails_that_member_alone(tmp_path, 
 def test_builtin_dropout_in_a_stack_trains_like_one_by_one_in_distribution(tmp_path, data_root):
     """impl=torch dropout draws its masks from torch's global generator, which the members of a stack share, so a
     stacked member's masks differ from its lone run's (scratch dropout has a generator per member and is exact,
-    tests/test_stack.py). Over 6 seeds, mean test accuracy and ECE of stacked and one-by-one runs agree within two
-    standard errors of their difference."""
-    seeds = range(6)
+    tests/test_stack.py). Over 8 seeds, mean test accuracy and ECE of stacked and one-by-one runs agree within two
+    standard errors of the difference of the means."""
+    seeds = range(8)
     args = ["trainer.epochs=15", "dataset.n_train=1000", "regularizer=dropout", "regularizer.dropout.impl=torch"]
     args += ["regularizer.dropout.p=0.5"]
 
@@ -156,6 +157,6 @@ def test_builtin_dropout_in_a_stack_trains_like_one_by_one_in_distribution(tmp_p
     stacked, alone = runs("stacked", True), runs("alone", False)
     assert any(a["test/acc"] != b["test/acc"] for a, b in zip(stacked, alone, strict=True))  # not the same masks
     for key in ("test/acc", "test/ece"):
-        differences = [a[key] - b[key] for a, b in zip(stacked, alone, strict=True)]
-        standard_error = statistics.stdev(differences) / math.sqrt(len(differences))
-        assert abs(statistics.mean(differences)) <= 2 * standard_error + 1e-9, (key, differences)
+        mine, theirs = [run[key] for run in stacked], [run[key] for run in alone]
+        standard_error = math.sqrt((statistics.variance(mine) + statistics.variance(theirs)) / len(seeds))
+        assert abs(statistics.mean(mine) - statistics.mean(theirs)) <= 2 * standard_error, (key, mine, theirs)

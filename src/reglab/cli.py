@@ -93,7 +93,7 @@ def train_members(members: dict, max_stack: int, sweep_dir: str) -> dict[int, fl
     for number, jobs in enumerate(stacks):
         for idx in jobs:
             members[idx].job.stack = {"id": number, "jobs": jobs}
-        print(f"[reglab] stack {number}: jobs {jobs[0]}..{jobs[-1]} ({len(jobs)}) training")
+        print(f"[reglab] stack {number}: {len(jobs)} jobs ({', '.join(map(str, jobs))}) training")
         try:
             results = train_stack([members[idx] for idx in jobs])
         except Interrupted as stop:

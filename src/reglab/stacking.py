@@ -57,8 +57,9 @@ def group_into_stacks(configs: dict[int, dict], max_stack: int) -> tuple[list[li
 
 
 def first_difference(a: dict, b: dict) -> str:
+    """The first setting in which two jobs differ, a group's option (model.name, ...) before its details."""
     mine, theirs = shared_settings(a), shared_settings(b)
-    for key in sorted(set(mine) | set(theirs)):
+    for key in sorted(set(mine) | set(theirs), key=lambda key: (not key.endswith(".name"), key)):
         if mine.get(key) != theirs.get(key):
             return f"{key}={theirs.get(key)!r} (not {mine.get(key)!r})"
     return "no difference"
