@@ -29,7 +29,7 @@ train: $(STAMP) ## run the default experiment (MLP on MNIST-1D); extra overrides
 SWEEP := regularizer=none,l1,l2,dropout,early_stopping,label_smoothing trainer.seed=0,1,2
 
 sweep: $(STAMP) ## every regularizer at its default strength vs none, 3 seeds, then the comparison report
-	$(PY) train.py -m hydra/launcher=joblib $(SWEEP) $(ARGS)
+	$(PY) train.py -m hydra/launcher=stacked $(SWEEP) $(ARGS)
 
 report: $(STAMP) ## comparison report of a multirun directory: make report DIR=outputs/multiruns/...
 	@test -n "$(DIR)" || { echo "usage: make report DIR=<multirun directory>"; exit 2; }
@@ -58,7 +58,7 @@ reproduce: $(STAMP) ## run every experiment preset (3 seeds each) and write docs
 figures: $(STAMP) ## remake the README's example figures in docs/figures (a default run and make sweep, ~2 min)
 	rm -rf outputs/example outputs/multiruns/headline
 	$(PY) train.py logger=none hydra.run.dir=outputs/example | tee outputs/example_run.txt
-	$(PY) train.py -m hydra/launcher=joblib $(SWEEP) logger=none hydra.sweep.dir=outputs/multiruns/headline
+	$(PY) train.py -m hydra/launcher=stacked $(SWEEP) logger=none hydra.sweep.dir=outputs/multiruns/headline
 	mkdir -p docs/figures
 	cp outputs/example/curves.png outputs/example/reliability.png docs/figures/
 	grep '^\[reglab\]' outputs/example_run.txt > docs/figures/example_run.txt

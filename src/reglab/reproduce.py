@@ -368,7 +368,7 @@ FINDINGS = [
 
 
 def run_preset(preset: str, sweeps_root: Path, extra: list[str]) -> Path:
-    """One preset's sweep through the real entrypoint, jobs in parallel (joblib, one thread each)."""
+    """One preset's sweep through the real entrypoint, its jobs trained as stacks (hydra/launcher=stacked)."""
     sweep_dir = sweeps_root / preset
     shutil.rmtree(sweep_dir, ignore_errors=True)
     command = [
@@ -376,7 +376,7 @@ def run_preset(preset: str, sweeps_root: Path, extra: list[str]) -> Path:
         str(ROOT / "train.py"),
         "-m",
         f"experiment={preset}",
-        "hydra/launcher=joblib",
+        "hydra/launcher=stacked",
         "logger=none",
         "trainer.save_weights=false",
         f"hydra.sweep.dir={sweep_dir}",
