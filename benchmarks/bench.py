@@ -244,11 +244,18 @@ def grid_size(sizes: SimpleNamespace) -> int:
     return len(sizes.grid_decays.split(",")) * len(sizes.grid_seeds.split(","))
 
 
+GRID_LAUNCHERS = {  # how each grid variant is launched: its extra overrides
+    "basic": [],
+    "joblib": ["hydra/launcher=joblib"],
+    "stacked": ["hydra/launcher=stacked"],
+    "stacked, 2 threads": ["hydra/launcher=stacked", "trainer.threads=2"],
+}
+
+
 def run_grid(args: argparse.Namespace, launcher: str, repeat: int, workdir: Path, env: dict) -> float:
-    sweep_dir = workdir / "grids" / f"{launcher}-{repeat}"
+    sweep_dir = workdir / "grids" / f"{launcher.replace(', ', '-').replace(' ', '')}-{repeat}"
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", *grid_overrides(args.sizes)]
-    cmd += [f"dataset.root={args.data_root}", f"hydra.sweep.dir={sweep_dir}"]
-    cmd += [f"hydra/launcher={launcher}"] if launcher != "basic" else []
+    cmd += [f"dataset.root={args.data_root}", f"hydra.sweep.dir={sweep_dir}", *GRID_LAUNCHERS[launcher]]
     finished = run_process(cmd, workdir, env)
     completed = [
         p for p in sweep_dir.glob("*/summary.json") if json.loads(p.read_text())["status"] == "completed"
@@ -259,7 +266,7 @@ def run_grid(args: argparse.Namespace, launcher: str, repeat: int, workdir: Path
 
 
 def measure_grids(args: argparse.Namespace, workdir: Path, env: dict) -> dict[str, list[float]]:
-    results: dict[str, list[float]] = {"basic": [], "joblib": [], "stacked": []}
+    results: dict[str, list[float]] = {launcher: [] for launcher in GRID_LAUNCHERS}
     for repeat in range(args.repeats):
         for launcher in results:
             results[launcher].append(run_grid(args, launcher, repeat, workdir, env))
@@ -500,6 +507,7 @@ def grid_rows(grids: dict[str, list[float]], sizes) -> list[Row]:
         ("basic", "joblib", MAX_JOBLIB_GRID),
         ("basic", "stacked", MAX_STACKED_GRID),
         ("joblib", "stacked", MAX_STACKED_VS_JOBLIB),
+        ("joblib", "stacked, 2 threads", MAX_STACKED_VS_JOBLIB),
     ]
     return [
         ratio_row(

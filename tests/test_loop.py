@@ -75,7 +75,7 @@ def test_a_wandb_failure_mid_run_never_fails_the_run(tmp_path, capsys):
     from reglab.tracking import RunRecord
 
     class BrokenRun:
-        def log(self, data):
+        def log(self, data, step=None):
             raise ConnectionError("service down")
 
     record = RunRecord(tmp_path, BrokenRun())
@@ -102,3 +102,54 @@ def test_all_techniques_at_once_each_one_active(tmp_path, data_root):
         row["loss/data"] > row["train/loss"] for row in history[1:]
     )  # dropout + smoothing raise the objective
     assert "test/last_acc" in summary  # early stopping took part (its last-vs-restored comparison)
+
+
+def test_deterministic_algorithms_change_nothing_on_the_cpu(tmp_path, data_root):
+    import torch
+
+    for deterministic in ("true", "false"):
+        (tmp_path / deterministic).mkdir()
+        cfg = config(
+            data_root, "trainer.epochs=2", "dataset.n_train=300", f"trainer.deterministic={deterministic}"
+        )
+        train(cfg, tmp_path / deterministic, Job())
+    assert not torch.are_deterministic_algorithms_enabled()  # a later job is never left in that mode
+    assert without_time(read_metrics(tmp_path / "true")) == without_time(read_metrics(tmp_path / "false"))
+
+
+def test_wandb_steps_are_epochs_so_a_resumed_run_never_logs_an_epoch_twice(tmp_path):
+    from reglab.tracking import RunRecord
+
+    class Run:
+        steps: list[int] = []
+
+        def log(self, data, step=None):
+            self.steps.append(step)
+
+    record = RunRecord(tmp_path, Run())
+    for epoch in (1, 2, 3, 2, 3, 4):  # epochs 2 and 3 again after resuming from epoch 1's checkpoint
+        record.log_epoch({"epoch": epoch, "train/loss": 0.5})
+    record.finish()
+    assert Run.steps == [1, 2, 3, 2, 3, 4]  # W&B ignores a step below its current one: no epoch is held twice
+
+
+def test_the_summary_records_the_optimizer_that_actually_ran(tmp_path, data_root, capsys):
+    cases = {
+        "adam": (["optimizer=adam"], "Adam", 0.0),
+        "adamw_alone": (["optimizer=adamw"], "AdamW", 0.0),
+        "decoupled_torch": (
+            ["regularizer=l2", "regularizer.l2.mode=decoupled", "regularizer.l2.impl=torch"],
+            "AdamW",
+            0.001,
+        ),
+        "coupled_scratch": (["regularizer=l2"], "Adam", 0.0),
+    }
+    for name, (overrides, expected, decay) in cases.items():
+        (tmp_path / name).mkdir()
+        train(
+            config(data_root, "trainer.epochs=1", "dataset.n_train=200", *overrides), tmp_path / name, Job()
+        )
+        optimizer = read_summary(tmp_path / name)["optimizer"]
+        assert (optimizer["class"], optimizer["weight_decay"]) == (expected, decay), name
+        assert f"{expected}(lr=" in capsys.readouterr().out  # and the run's first line says so
+    assert "coupled weight decay λ=0.001" in read_summary(tmp_path / "coupled_scratch")["regularization"][0]

@@ -49,7 +49,11 @@ def start(args: list[str], cwd, data_root) -> subprocess.Popen:
 
 def test_sigterm_checkpoints_every_member_and_resume_finishes_them_exactly(tmp_path, data_root):
     args = [*QUICK, "trainer.epochs=30", "trainer.checkpoint_every=0", "hydra/launcher=stacked"]
-    args += ["regularizer=[dropout,early_stopping]", "regularizer.early_stopping.patience=100", "trainer.seed=0,1,2"]
+    args += [
+        "regularizer=[dropout,early_stopping]",
+        "regularizer.early_stopping.patience=100",
+        "trainer.seed=0,1,2",
+    ]
     interrupted = tmp_path / "interrupted"
     process = start([*args, f"hydra.sweep.dir={interrupted}"], tmp_path, data_root)
     metrics = interrupted / "0" / "metrics.jsonl"
@@ -84,7 +88,14 @@ def test_rerunning_a_finished_stacked_sweep_trains_nothing(tmp_path, data_root):
 def test_every_stacked_job_gets_its_own_wandb_run(tmp_path, data_root):
     sweep = tmp_path / "sweep"
     run_train(
-        ["-m", "logger=wandb", *TINY, "trainer.seed=0,1,2", "hydra/launcher=stacked", f"hydra.sweep.dir={sweep}"],
+        [
+            "-m",
+            "logger=wandb",
+            *TINY,
+            "trainer.seed=0,1,2",
+            "hydra/launcher=stacked",
+            f"hydra.sweep.dir={sweep}",
+        ],
         tmp_path,
         data_root,
     )
@@ -125,11 +136,17 @@ def test_a_failure_while_finishing_one_member_fails_that_member_alone(tmp_path, 
     monkeypatch.setattr(diagnostics, "plot_curves", plot_curves)
     members = []
     for k in range(3):
-        cfg = config(data_root, "trainer.epochs=2", "dataset.n_train=300", "trainer.plots=true", f"trainer.seed={k}")
+        cfg = config(
+            data_root, "trainer.epochs=2", "dataset.n_train=300", "trainer.plots=true", f"trainer.seed={k}"
+        )
         (tmp_path / str(k)).mkdir()
         members.append(Member(cfg=cfg, run_dir=tmp_path / str(k), job=Job(multirun=True)))
     objectives = train_stack(members)
-    assert [read_summary(tmp_path / str(k))["status"] for k in range(3)] == ["completed", "failed", "completed"]
+    assert [read_summary(tmp_path / str(k))["status"] for k in range(3)] == [
+        "completed",
+        "failed",
+        "completed",
+    ]
     assert "disk full" in read_summary(broken)["error"]
     assert math.isnan(objectives[1]) and not math.isnan(objectives[0])
 
@@ -141,7 +158,12 @@ def test_builtin_dropout_in_a_stack_trains_like_one_by_one_in_distribution(tmp_p
     tests/test_stack.py). Over 8 seeds, mean test accuracy and ECE of stacked and one-by-one runs agree within two
     standard errors of the difference of the means."""
     seeds = range(8)
-    args = ["trainer.epochs=15", "dataset.n_train=1000", "regularizer=dropout", "regularizer.dropout.impl=torch"]
+    args = [
+        "trainer.epochs=15",
+        "dataset.n_train=1000",
+        "regularizer=dropout",
+        "regularizer.dropout.impl=torch",
+    ]
     args += ["regularizer.dropout.p=0.5"]
 
     def runs(where: str, stacked: bool) -> list[dict]:
@@ -155,7 +177,9 @@ def test_builtin_dropout_in_a_stack_trains_like_one_by_one_in_distribution(tmp_p
         return [read_summary(m.run_dir) for m in members]
 
     stacked, alone = runs("stacked", True), runs("alone", False)
-    assert any(a["test/acc"] != b["test/acc"] for a, b in zip(stacked, alone, strict=True))  # not the same masks
+    assert any(
+        a["test/acc"] != b["test/acc"] for a, b in zip(stacked, alone, strict=True)
+    )  # not the same masks
     for key in ("test/acc", "test/ece"):
         mine, theirs = [run[key] for run in stacked], [run[key] for run in alone]
         standard_error = math.sqrt((statistics.variance(mine) + statistics.variance(theirs)) / len(seeds))

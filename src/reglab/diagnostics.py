@@ -40,7 +40,10 @@ def _calibration_bins(confidences: Tensor, correct: Tensor, n_bins: int) -> Tens
     inner_edges = torch.linspace(0, 1, n_bins + 1, device=confidences.device)[1:-1]
     bin_index = torch.bucketize(confidences, inner_edges)  # right=False: edge[b-1] < confidence <= edge[b]
     per_sample = torch.stack([torch.ones_like(confidences), correct, confidences], dim=1)
-    return per_sample.new_zeros(n_bins, 3).index_add_(0, bin_index, per_sample)
+    # a one-hot matrix product instead of a scatter-add (index_add_), whose CUDA kernel adds in a
+    # non-deterministic order: the same logits give the same ECE on every device and every run
+    membership = torch.nn.functional.one_hot(bin_index, n_bins).to(per_sample.dtype)
+    return membership.T @ per_sample
 
 
 def expected_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int = 15) -> Tensor:

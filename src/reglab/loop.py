@@ -34,7 +34,15 @@ from torch import Tensor, nn
 from reglab import checkpoint, diagnostics
 from reglab.data import DataSplits, load_stack_data, shift_and_flip
 from reglab.errors import BAD_INPUT, FINISHED
-from reglab.models import Architecture, MemberView, build_model, member_weights, predict, share_gradients
+from reglab.models import (
+    Architecture,
+    MemberView,
+    build_model,
+    member_parameters,
+    member_weights,
+    predict,
+    share_gradients,
+)
 from reglab.regularizers import Regularization, build_regularization
 from reglab.regularizers.early_stopping import EarlyStopping
 from reglab.regularizers.l1_l2 import member_decay_split
@@ -76,6 +84,9 @@ class Member:
     best: EarlyStopping | None = None  # tracks the best val/loss epoch for best.pt, never stops training
     record: RunRecord | None = None
     summary: dict | None = None
+    ran: dict = field(
+        default_factory=dict
+    )  # what actually trains: optimizer class and settings, techniques in words
     started: float = field(default_factory=time.perf_counter)  # wall_time_s counts from here
 
     @property
@@ -158,9 +169,21 @@ def prepare(stack: Stack):
     saved = [checkpoint.load_for_resume(m) for m in stack.members]  # before the optimizer: it groups by epoch
     optimizer = build_optimizer(stack, model, regs)
     for k, (m, payload) in enumerate(zip(stack.members, saved, strict=True)):
+        m.ran = {"optimizer": describe_optimizer(optimizer, model, k), "regularization": regs.describe(k)}
         if payload is not None:
             checkpoint.restore(payload, k, m, model, optimizer, regs)
+    if len(stack.members) == 1 and not stack.members[0].job.parallel:
+        print(f"[reglab] training {describe_run(stack.members[0])}")
     return model, data, optimizer, regs
+
+
+def describe_run(member: Member) -> str:
+    """'mlp on mnist1d, Adam(lr=0.01, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0), l2 coupled ...'"""
+    opt = {k: v for k, v in member.ran["optimizer"].items() if k not in ("class", "fused")}
+    settings = ", ".join(f"{key}={value}" for key, value in opt.items())
+    techniques = "; ".join(member.ran["regularization"]) or "no regularization"
+    cfg = member.cfg
+    return f"{cfg['model']['name']} on {cfg['dataset']['name']}: {member.ran['optimizer']['class']}({settings}); {techniques}"
 
 
 def start_records(stack: Stack, regs: Regularization) -> None:
@@ -212,6 +235,10 @@ def setup_process(trainer: dict, seed: int) -> torch.device:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # only the built-in dropout (impl=torch) draws from torch's global generator
+    if trainer["deterministic"]:
+        # cuBLAS needs a fixed workspace for reproducible matmuls; it reads this before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(trainer["deterministic"])  # process-wide: set for every job, on or off
     if trainer["device"] == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(trainer["device"])
@@ -246,6 +273,24 @@ def build_optimizer(stack: Stack, model: nn.Module, regs: Regularization) -> tor
     if stack.members[0].cfg["optimizer"]["name"] == "sgd":
         return torch.optim.SGD(param_groups, fused=fused or None)
     return torch.optim.Adam(param_groups, fused=fused or None)
+
+
+def describe_optimizer(optimizer, model: nn.Module, member: int) -> dict:
+    """The optimizer member k actually trains with: its class as PyTorch names it and its group settings."""
+    mine = {id(p) for _, p in member_parameters(model, member)}
+    groups = [g for g in optimizer.param_groups if any(id(p) in mine for p in g["params"])]
+    decayed = max(groups, key=lambda g: g["weight_decay"])
+    name = type(optimizer).__name__
+    if decayed.get("decoupled_weight_decay"):
+        name = "AdamW"  # torch.optim.AdamW is exactly Adam with this flag
+    keys = ("betas", "eps") if name != "SGD" else ("momentum", "nesterov")
+    return {
+        "class": name,
+        "lr": decayed["initial_lr"],
+        **{key: decayed[key] for key in keys},
+        "weight_decay": decayed["weight_decay"],  # the optimizer's built-in decay of the decayed weights
+        "fused": bool(optimizer.defaults.get("fused")),
+    }
 
 
 def member_params(model: nn.Module, member: int):
@@ -422,8 +467,13 @@ def train_one_epoch(
         data_losses.append(data_loss.detach())
         if penalty is not None:
             penalties.append(penalty.detach())
-    mean_data_loss = torch.stack(data_losses).mean(0)
-    return mean_data_loss, torch.stack(penalties).mean(0) if penalties else torch.zeros_like(mean_data_loss)
+    return mean_over_steps(data_losses), mean_over_steps(penalties) if penalties else torch.zeros_like(data_losses[0])
+
+
+def mean_over_steps(values: list[Tensor]) -> Tensor:
+    """The per-member mean of [K] vectors, summed in step order: the same rounding for every K (a reduction kernel
+    may order its sums by the tensor's shape)."""
+    return sum(values[1:], values[0]) / len(values)
 
 
 def epoch_metrics(model, data: DataSplits, regs, losses, lrs: list[float], stack: Stack) -> list[dict]:
@@ -525,7 +575,7 @@ def finish(
     summary["device"] = str(stack.device)
     summary.update({f"test/last_{name}": v for name, v in last_test.items()})
     summary.update(temperature_scaling(logits["val"][k], data.y_val, logits["test"][k], data.y_test))
-    summary.update(mc_dropout_metrics(model, data, k, stack))
+    summary.update(regs.final_metrics(k, model, data.x_test, data.y_test, stack.trainer["eval_batch_size"]))
     if cfg["trainer"]["save_weights"]:
         save_weights(run_dir, last_weights, selection)
     if cfg["trainer"]["plots"]:
@@ -600,6 +650,7 @@ def job_facts(member: Member, techniques: list[str]) -> dict:
         },
         "regularizers": techniques,
         "seed": cfg["trainer"]["seed"],
+        **member.ran,
         "stack": {**(member.job.stack or {}), "size": 1},  # how many jobs trained together
         "run_dir": str(member.run_dir),
     }
@@ -643,19 +694,6 @@ def record_failure(member: Member, err: Exception) -> dict:
     write_summary(member.run_dir, summary, getattr(member.record, "wandb_run", None))
     member.summary = summary
     return summary
-
-
-def mc_dropout_metrics(model, data: DataSplits, k: int, stack: Stack) -> dict:
-    """Test metrics of Monte Carlo dropout predictions, when member k's dropout asks for them."""
-    dropout = stack.members[k].cfg["regularizer"].get("dropout")
-    if dropout is None or not dropout["mc_samples"]:
-        return {}
-    from reglab.regularizers.dropout import mc_predict
-
-    batch = stack.trainer["eval_batch_size"]
-    probs, entropy = mc_predict(model, data.x_test, dropout["mc_samples"], batch, len(stack.members), only=k)
-    stats = diagnostics.prediction_metrics(probs[k].clamp_min(1e-12).log(), data.y_test)
-    return {f"test/mc_{name}": v for name, v in as_floats({**stats, "entropy": entropy[k].mean()}).items()}
 
 
 def save_weights(run_dir: Path, last_weights: dict, best: EarlyStopping) -> None:

@@ -186,6 +186,7 @@ SCHEMA: dict[str, Mapping] = {
         "flush_denormal": boolean(),
         "fused_optimizer": boolean(),
         "compile": boolean(),
+        "deterministic": boolean(),
         "precision": choice("fp32", "bf16"),
         "progress": choice("auto", "bar", "epochs", "none"),
         "checkpoint_every": integer(0),

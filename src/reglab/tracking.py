@@ -75,7 +75,9 @@ class RunRecord:
         clean = {k: _finite_or_none(v) for k, v in metrics.items()}
         self._metrics_file.write(json.dumps(clean) + "\n")
         self._metrics_file.flush()
-        self._to_wandb(lambda run: run.log(metrics))
+        # the epoch is W&B's step: after a crash and a resume from an earlier checkpoint, W&B drops the epochs it
+        # already holds (their values are the same, resume being exact) instead of holding them twice
+        self._to_wandb(lambda run: run.log(metrics, step=int(metrics["epoch"])))
 
     def _to_wandb(self, send) -> None:
         """Mirror to W&B; if W&B breaks mid-run, say so once and go on with the files on disk alone."""

@@ -14,6 +14,8 @@ its arithmetic untouched). Each technique uses one or more of the loop's few hoo
                  after_step(lrs)       after optimizer.step                               (proximal L1, max-norm)
     epoch end    end_epoch(k, ...)     may stop member k                                  (early stopping)
     training end selection(k)          which epoch member k keeps, and its weights        (early stopping)
+                 final_metrics(k, ...) test metrics of its own                            (MC dropout)
+    record       describe(k)           what it does to member k, in words                 (L1, L2)
 
 `Regularization` fans every hook out over the techniques, so `regularizer=[l2,dropout,label_smoothing]` needs no
 special case anywhere, and the loop never names a technique. No global state: everything lives on these objects.
@@ -84,6 +86,14 @@ class Technique:
     def selection(self, member: int) -> EarlyStopping | None:
         """The tracker that picks member k's best epoch and the weights it ends with, if this technique decides."""
         return None
+
+    def describe(self, member: int) -> str | None:
+        """What this technique actually does to member k, in words (summary.json, W&B, the run's first line)."""
+        return None
+
+    def final_metrics(self, member: int, model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> dict:
+        """Test metrics of its own for member k's final model (e.g. Monte Carlo dropout's)."""
+        return {}
 
     def state_dict(self, member: int) -> dict:
         return {}
@@ -168,6 +178,18 @@ class L2(WeightNormTechnique):
             "decoupled_weight_decay": setting["mode"] == "decoupled",
         }
 
+    def describe(self, member):
+        s = self.settings[member]
+        if s is None:
+            return None
+        how = {
+            "penalty": f"λ/2·Σw² with λ={s['weight_decay']:g} added to the loss",
+            "coupled": f"coupled weight decay λ={s['weight_decay']:g}: grad += λ·w",
+            "decoupled": f"decoupled weight decay λ={s['weight_decay']:g}: w -= lr·λ·w",
+        }[s["mode"]]
+        by = "the optimizer's own weight_decay" if self.optimizer_settings(member) else s["impl"]
+        return f"l2 {how} ({by}; biases {'excluded' if s['exclude_bias_and_norm'] else 'included'})"
+
     def before_step(self, lrs):
         for k in self.in_mode("coupled", "scratch"):
             l1_l2.coupled_weight_decay_(
@@ -184,6 +206,14 @@ class L1(WeightNormTechnique):
 
     def penalty(self):
         return self.penalties("subgradient", l1_l2.l1_penalty, l1_l2.l1_penalty_torch, scale=1.0)
+
+    def describe(self, member):
+        s = self.settings[member]
+        if s is None:
+            return None
+        if s["mode"] == "subgradient":
+            return f"l1 λ·Σ|w| with λ={s['strength']:g} added to the loss ({s['impl']})"
+        return f"l1 proximal: soft-threshold by lr·λ, λ={s['strength']:g}, after every step ({s['impl']})"
 
     def after_step(self, lrs):
         for k in self.in_mode("proximal"):
@@ -215,6 +245,22 @@ class Dropout(Technique):
             for k in self.members()
             if self.settings[k]["max_norm"] is not None
         }
+
+    def final_metrics(self, member, model, x, y, batch_size):
+        """Test metrics of Monte Carlo dropout predictions, when member k asks for them (`mc_samples`)."""
+        s = self.settings[member]
+        if s is None or not s["mc_samples"]:
+            return {}
+        from reglab.diagnostics import prediction_metrics
+
+        probs, entropy = dropout_lib.mc_predict(
+            model, x, s["mc_samples"], batch_size, len(self.settings), member
+        )
+        metrics = {
+            **prediction_metrics(probs[member].clamp_min(1e-12).log(), y),
+            "entropy": entropy[member].mean(),
+        }
+        return {f"test/mc_{name}": value.item() for name, value in metrics.items()}
 
     def after_step(self, lrs):
         for k, weights in self.constrained.items():
@@ -333,6 +379,15 @@ class Regularization:
     def retire(self, member: int) -> None:
         for t in self.techniques:
             t.retire(member)
+
+    def describe(self, member: int) -> list[str]:
+        return [text for t in self.techniques if (text := t.describe(member))]
+
+    def final_metrics(self, member: int, model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> dict:
+        metrics: dict = {}
+        for t in self.techniques:
+            metrics.update(t.final_metrics(member, model, x, y, batch_size))
+        return metrics
 
     def state_dict(self, member: int) -> dict:
         return {t.name: t.state_dict(member) for t in self.techniques}
