@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import gc
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from reglab.errors import BAD_INPUT, ConfigError
+from reglab.preemption import Interrupted, after_interrupt, resume_when_requeued
 from reglab.schema import validate
 
 PARALLEL_LAUNCHERS = ("joblib", "submitit", "ray")
@@ -37,21 +37,18 @@ def main(cfg: DictConfig) -> float:
     try:
         plain = resolved(cfg)
         validate(plain)
-        from reglab.loop import Interrupted, train  # torch and the rest load only for a config that can run
+        from reglab.loop import train  # torch and the rest load only for a config that can run
 
         # torch's import leaves ~10^5 long-lived objects that every full garbage collection would walk again,
         # during training and once more at exit (~0.7 s measured): move them out of the collector's sight.
         gc.collect()  # earlier jobs of this process (basic launcher) may have left cyclic garbage: free it first
         gc.freeze()
+        resume_when_requeued(plain["trainer"], run_dir)
         try:
             return train(plain, run_dir, job_facts(hydra, multirun))
         except Interrupted as stop:
             resume = f"-m hydra.sweep.dir={hydra.sweep.dir}" if multirun else f"hydra.run.dir={run_dir}"
-            print(
-                f"[reglab] {stop}: checkpoint written; continue with the same overrides plus "
-                f"trainer.resume=true {resume}"
-            )
-            raise SystemExit(128 + signal.Signals[str(stop)].value) from None
+            return after_interrupt(stop, run_dir, list(hydra.overrides.task), resume)
     except BAD_INPUT as err:
         print(f"reglab: error: {err}", file=sys.stderr)
         if multirun:

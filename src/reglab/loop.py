@@ -15,7 +15,6 @@ import contextlib
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from reglab import checkpoint, diagnostics
 from reglab.data import DataSplits, load_dataset, shift_and_flip
 from reglab.errors import BAD_INPUT, FINISHED
 from reglab.models import build_model
+from reglab.preemption import Interrupted, stop_on_signals
 from reglab.regularizers import Regularization, build_regularization
 from reglab.regularizers.early_stopping import EarlyStopping
 from reglab.tracking import RunRecord, start_wandb, write_summary
@@ -46,10 +46,6 @@ class Job:
     parallel: bool = False  # started by a parallel launcher (joblib, submitit): stay quiet
 
 
-class Interrupted(Exception):
-    """SIGTERM, SIGUSR2 or Ctrl-C arrived; a resumable checkpoint was written."""
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # One run
 
@@ -62,11 +58,12 @@ def train(cfg: dict, run_dir: Path, job: Job) -> float:
         return objective(done)
     record = None
     try:
-        model, data, optimizer, scheduler, regs = prepare(state)
-        record = RunRecord(state.run_dir, start_wandb_for(state, regs), log_images=log_plots(cfg))
+        # from the start: a signal during set-up stops at the first epoch's end, one during finish() is moot
         with stop_on_signals(state):
+            model, data, optimizer, scheduler, regs = prepare(state)
+            record = RunRecord(state.run_dir, start_wandb_for(state, regs), log_images=log_plots(cfg))
             fit(model, data, optimizer, scheduler, regs, state, record)
-        return objective(finish(model, data, regs, state, record))
+            return objective(finish(model, data, regs, state, record))
     except (*BAD_INPUT, Interrupted):
         raise  # bad input is the entrypoint's to report; an interrupted run has its checkpoint
     except Exception as err:
@@ -231,7 +228,7 @@ def fit(
             break
         if state.stop_requested:
             checkpoint.save(state, model, optimizer, scheduler, regs)
-            raise Interrupted(state.stop_requested)
+            raise Interrupted(state.stop_requested, state.epoch)
         if trainer["checkpoint_every"] and epoch % trainer["checkpoint_every"] == 0:
             checkpoint.save(state, model, optimizer, scheduler, regs)
     progress.close()
@@ -539,29 +536,6 @@ def autocast(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def stop_on_signals(state: TrainState):
-    """SIGTERM (a cluster's pre-emption notice), SIGUSR2 (SLURM's time-limit warning via submitit) and Ctrl-C
-    finish the current epoch, checkpoint and stop."""
-
-    def request_stop(signum, frame):
-        if state.stop_requested:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        state.stop_requested = signal.Signals(signum).name
-
-    previous = {}
-    # SIGUSR2: what submitit/SLURM send `signal_delay_s` before a job's time limit
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-        # only the main thread may set handlers (a launcher may run jobs in other threads): skip them there
-        with contextlib.suppress(ValueError):
-            previous[sig] = signal.signal(sig, request_stop)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 class Progress:
