@@ -206,6 +206,27 @@ def test_a_slurm_sweep_without_a_cluster_stops_with_one_line(
     assert not sweep.exists()
 
 
+def test_a_cluster_without_accounting_is_named_before_the_sweep(tmp_path, monkeypatch, capsys):
+    from omegaconf import OmegaConf
+
+    from reglab.slurm import CheckCluster
+
+    path = fake_scontrol(tmp_path / "bin", "Slurmctld(primary) at vm is UP", status=0)
+    sacct = tmp_path / "bin" / "sacct"
+    sacct.write_text("#!/bin/sh\necho 'sacct: error: Slurm accounting storage is disabled' >&2\nexit 1\n")
+    sacct.chmod(0o755)
+    monkeypatch.setenv("PATH", path)
+    slurm = {
+        "hydra": {
+            "launcher": {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"}
+        }
+    }
+    CheckCluster().on_multirun_start(OmegaConf.create(slurm))
+    assert "accounting (slurmdbd) is off" in capsys.readouterr().err
+    CheckCluster().on_multirun_start(OmegaConf.create({"hydra": {"launcher": {"_target_": "joblib"}}}))
+    assert capsys.readouterr().err == ""  # other launchers: no check at all
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end: a pre-empted job of a submitit sweep comes back and ends as if never stopped
 
