@@ -130,10 +130,10 @@ def test_time_limits_requeue_until_max_num_timeout_then_the_job_is_recorded_as_i
     tmp_path, data_root
 ):
     limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=15"]
-    # 90 epochs x 0.5 s outlast the first warning (at most 45 s in); 4 attempts of at least 12 s each finish them
-    requeued_args = [*RUN, "trainer.epochs=90"]
+    # 100 epochs x 0.5 s outlast the first warning (at most 45 s in); 5 attempts of at least 11 s each finish them
+    requeued_args = [*RUN, "trainer.epochs=100"]
     requeued = start_sweep(
-        [*limit, "hydra.launcher.max_num_timeout=3", *slow(0.5), *requeued_args],
+        [*limit, "hydra.launcher.max_num_timeout=4", *slow(0.5), *requeued_args],
         tmp_path / "a",
         tmp_path,
         data_root,

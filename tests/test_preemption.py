@@ -100,7 +100,10 @@ def test_when_submitit_refuses_the_job_is_recorded_as_interrupted_with_its_resum
     run_dir = tmp_path / "sweep" / "3"
     run_dir.mkdir(parents=True)
     objective = after_interrupt(
-        Interrupted("SIGUSR2", 12), run_dir, ["regularizer=[l2,dropout]", "trainer.seed=1"], ""
+        Interrupted("SIGUSR2", 12),
+        run_dir,
+        ["regularizer=[l2,dropout]", "trainer.seed=1", "trainer.resume=true"],
+        "",
     )
     assert math.isnan(objective) and env.requeued_with is None
     summary = read_summary(run_dir)

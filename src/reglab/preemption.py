@@ -90,16 +90,17 @@ def after_interrupt(stop: Interrupted, run_dir: Path, overrides: list[str], resu
     handler = submitit_handler(signum)
     if handler is not None:
         return hand_to_submitit(handler, stop, Path(run_dir), overrides)
-    requeued = (
-        "if SLURM requeues this job it resumes by itself; otherwise "
-        if os.environ.get("SLURM_JOB_ID")
-        else ""
-    )
-    print(
-        f"[reglab] {stop.signal_name}: checkpoint written; {requeued}continue with the same overrides plus "
-        f"trainer.resume=true {resume_hint}"
-    )
+    print(f"[reglab] {stop.signal_name}: checkpoint written; {how_to_continue(resume_hint)}")
     raise SystemExit(128 + signum)
+
+
+def how_to_continue(resume_hint: str) -> str:
+    manual = f"continue with the same overrides plus trainer.resume=true {resume_hint}"
+    if os.environ.get(
+        "SLURM_JOB_ID"
+    ):  # after SIGTERM SLURM may requeue the job (pre-emption, scontrol requeue)
+        return f"if SLURM requeues this job it resumes by itself; otherwise {manual}"
+    return manual
 
 
 def submitit_handler(signum: int):
@@ -129,6 +130,7 @@ def hand_to_submitit(handler, stop: Interrupted, run_dir: Path, overrides: list[
         print(
             f"[reglab] submitit could not requeue this job ({type(err).__name__}: {err}); checkpoint written"
         )
+    # scontrol failed, or submitit left it to another task of the job: end this process without a result
     raise SystemExit(128 + signum)
 
 
@@ -136,7 +138,8 @@ def record_interrupted(run_dir: Path, stop: Interrupted, reason: str, overrides:
     """summary.json with status `interrupted` and the command that resumes the job; returns NaN (no objective)."""
     from reglab.tracking import write_summary
 
-    resume = shlex.join(["python", "train.py", *overrides, "trainer.resume=true", f"hydra.run.dir={run_dir}"])
+    kept = [o for o in overrides if not o.startswith("trainer.resume=")]
+    resume = shlex.join(["python", "train.py", *kept, "trainer.resume=true", f"hydra.run.dir={run_dir}"])
     summary = {
         "status": "interrupted",
         "error": None,
