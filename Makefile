@@ -8,7 +8,8 @@ ARGS ?=
 DIR ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep report test test-fast lint format bench reproduce figures wandb-sync clean
+.PHONY: help install train sweep report test test-fast test-cluster cluster-up cluster-down lint format bench reproduce \
+	figures wandb-sync clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +41,15 @@ test: $(STAMP) ## run the whole test suite
 
 test-fast: $(STAMP) ## the tests without the slow end-to-end ones
 	$(PY) -m pytest -q -m "not slow"
+
+test-cluster: $(STAMP) ## only the tests against a SLURM cluster (make cluster-up first; ~2.5 min)
+	$(PY) -m pytest -q -m cluster
+
+cluster-up: ## start a one-node SLURM cluster here (root; installs SLURM, munge, MariaDB from Debian if missing)
+	scripts/cluster.sh up
+
+cluster-down: ## stop exactly the daemons cluster-up started and remove its state
+	scripts/cluster.sh down
 
 lint: $(STAMP) ## ruff lint and format check
 	$(PY) -m ruff check .

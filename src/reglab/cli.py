@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from reglab.errors import BAD_INPUT, ConfigError
+from reglab.preemption import Interrupted, after_interrupt, resume_when_requeued
 from reglab.schema import validate
 
 PARALLEL_LAUNCHERS = ("joblib", "submitit", "ray")
@@ -37,21 +38,18 @@ def main(cfg: DictConfig) -> float:
     try:
         plain = resolved(cfg)
         validate(plain)
-        from reglab.loop import Interrupted, train  # torch and the rest load only for a config that can run
+        from reglab.loop import train  # torch and the rest load only for a config that can run
 
         # torch's import leaves ~10^5 long-lived objects that every full garbage collection would walk again,
         # during training and once more at exit (~0.7 s measured): move them out of the collector's sight.
         gc.collect()  # earlier jobs of this process (basic launcher) may have left cyclic garbage: free it first
         gc.freeze()
+        resume_when_requeued(plain["trainer"], run_dir)
         try:
             return train(plain, run_dir, job_facts(hydra, multirun))
         except Interrupted as stop:
             resume = f"-m hydra.sweep.dir={hydra.sweep.dir}" if multirun else f"hydra.run.dir={run_dir}"
-            print(
-                f"[reglab] {stop}: checkpoint written; continue with the same overrides plus "
-                f"trainer.resume=true {resume}"
-            )
-            raise SystemExit(128 + signal.Signals[str(stop)].value) from None
+            return after_interrupt(stop, run_dir, list(hydra.overrides.task), resume)
     except BAD_INPUT as err:
         print(f"reglab: error: {err}", file=sys.stderr)
         if multirun:
@@ -80,7 +78,7 @@ def prepare_member(cfg: DictConfig):
 
 def train_members(members: dict, max_stack: int, sweep_dir: str) -> dict[int, float]:
     """Train prepared jobs (job number -> Member) in stacks; returns each job's objective."""
-    from reglab.loop import Interrupted, train_stack
+    from reglab.loop import train_stack
     from reglab.stacking import group_into_stacks
 
     stacks, apart = group_into_stacks({idx: m.cfg for idx, m in members.items()}, max_stack)
@@ -101,7 +99,7 @@ def train_members(members: dict, max_stack: int, sweep_dir: str) -> dict[int, fl
                 f"[reglab] {stop}: checkpoints written; continue with the same overrides plus "
                 f"trainer.resume=true -m hydra.sweep.dir={sweep_dir}"
             )
-            raise SystemExit(128 + signal.Signals[str(stop)].value) from None
+            raise SystemExit(128 + signal.Signals[stop.signal_name].value) from None
         objectives.update(zip(jobs, results, strict=True))
         for idx in jobs:
             print_job_line(idx, members[idx])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 FINISHED = ("completed", "early_stopped")  # statuses whose numbers count (reports average only these)
-STATUSES = (*FINISHED, "diverged", "failed")
+STATUSES = (*FINISHED, "diverged", "failed", "interrupted")  # interrupted: stopped by a signal, not requeued
 
 
 class ConfigError(ValueError):

@@ -21,7 +21,6 @@ import contextlib
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from reglab.models import (
     predict,
     share_gradients,
 )
+from reglab.preemption import Interrupted, stop_on_signals
 from reglab.regularizers import Regularization, build_regularization
 from reglab.regularizers.early_stopping import EarlyStopping
 from reglab.regularizers.l1_l2 import member_decay_split
@@ -60,10 +60,6 @@ class Job:
     multirun: bool = False
     parallel: bool = False  # started by a parallel launcher (joblib, submitit) or in a stack: stay quiet
     stack: dict | None = None  # {"id": ..., "jobs": [...]} when trained in a stack with other jobs
-
-
-class Interrupted(Exception):
-    """SIGTERM, SIGUSR2 or Ctrl-C arrived; a resumable checkpoint was written for every member still training."""
 
 
 @dataclass
@@ -126,9 +122,10 @@ def train_stack(members: list[Member]) -> list[float]:
     if todo:
         stack = Stack(members=todo, trainer=todo[0].cfg["trainer"])
         try:
-            model, data, optimizer, regs = prepare(stack)
-            start_records(stack, regs)
+            # a signal during set-up stops the stack at the end of its first epoch
             with stop_on_signals(stack):
+                model, data, optimizer, regs = prepare(stack)
+                start_records(stack, regs)
                 fit(model, data, optimizer, regs, stack)
         except (*BAD_INPUT, Interrupted):
             raise  # bad input is the entrypoint's to report; an interrupted stack has its checkpoints
@@ -344,7 +341,7 @@ def fit(model, data: DataSplits, optimizer, regs: Regularization, stack: Stack):
         finish_members(ending, model, data, regs, stack)
         if stack.stop_requested and stack.running():
             checkpoint.save_stack(stack, model, optimizer, regs)
-            raise Interrupted(stack.stop_requested)
+            raise Interrupted(stack.stop_requested, max(m.epoch for _, m in stack.running()))
         if trainer["checkpoint_every"] and any(
             m.epoch % trainer["checkpoint_every"] == 0 for _, m in stack.running()
         ):
@@ -467,7 +464,9 @@ def train_one_epoch(
         data_losses.append(data_loss.detach())
         if penalty is not None:
             penalties.append(penalty.detach())
-    return mean_over_steps(data_losses), mean_over_steps(penalties) if penalties else torch.zeros_like(data_losses[0])
+    return mean_over_steps(data_losses), mean_over_steps(penalties) if penalties else torch.zeros_like(
+        data_losses[0]
+    )
 
 
 def mean_over_steps(values: list[Tensor]) -> Tensor:
@@ -774,29 +773,6 @@ def autocast(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def stop_on_signals(stack: Stack):
-    """SIGTERM (a cluster's pre-emption notice), SIGUSR2 (SLURM's time-limit warning via submitit) and Ctrl-C
-    finish the current epoch, checkpoint and stop."""
-
-    def request_stop(signum, frame):
-        if stack.stop_requested:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        stack.stop_requested = signal.Signals(signum).name
-
-    previous = {}
-    # SIGUSR2: what submitit/SLURM send `signal_delay_s` before a job's time limit
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-        # only the main thread may set handlers (a launcher may run jobs in other threads): skip them there
-        with contextlib.suppress(ValueError):
-            previous[sig] = signal.signal(sig, request_stop)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 class Progress:

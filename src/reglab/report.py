@@ -363,6 +363,9 @@ def _failure_reason(job: Job) -> str:
         return ("unreadable summary.json" if present else "incomplete (no summary.json)") + reached
     error = job.summary.get("error")
     first_line = str(error).strip().splitlines()[0][:200] if error else ""
+    if job.status == "interrupted":  # stopped by a signal and not requeued: how far it got, how to go on
+        resume = job.summary.get("resume")
+        return f"{job.summary.get('stop_reason')}" + (f"; resume: `{resume}`" if resume else "")
     if job.status == "diverged":
         return f"diverged after {job.summary.get('epochs_run')} epochs" + (
             f": {first_line}" if first_line else ""
