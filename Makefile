@@ -70,6 +70,7 @@ figures: $(STAMP) ## remake the README's example figures in docs/figures (a defa
 	$(PY) train.py logger=none hydra.run.dir=outputs/example | tee outputs/example_run.txt
 	$(PY) train.py -m hydra/launcher=stacked $(SWEEP) logger=none hydra.sweep.dir=outputs/multiruns/headline
 	mkdir -p docs/figures
+	$(PY) -m reglab.provenance > docs/figures/provenance.json
 	cp outputs/example/curves.png outputs/example/reliability.png docs/figures/
 	grep '^\[reglab\]' outputs/example_run.txt > docs/figures/example_run.txt
 	cp outputs/multiruns/headline/report.md docs/figures/headline_report.md

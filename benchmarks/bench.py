@@ -41,6 +41,8 @@ from pathlib import Path
 from statistics import median
 from types import SimpleNamespace
 
+from reglab.provenance import cpu_model, git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 HANDWRITTEN = ROOT / "benchmarks" / "handwritten_loop.py"
 DOCS = ROOT / "docs" / "performance.md"
@@ -589,39 +591,12 @@ def target_summary(rows: list[Row]) -> str:
 # Context: hardware, versions, date; and the results block of docs/performance.md
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def memory_gib() -> str:
     try:
         kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
         return f"{kib / 2**20:.0f} GiB"
     except (OSError, AttributeError):
         return "unknown memory"
-
-
-def git_commit() -> str:
-    """The checkout's commit, '+dirty' with uncommitted changes to tracked files (read-only git calls)."""
-
-    def git(*args: str) -> str:
-        env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
-        return subprocess.run(
-            ["git", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=True
-        ).stdout
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD").strip()
-        dirty = git("status", "--porcelain", "--untracked-files=no").strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown commit"
-    return commit + ("+dirty" if dirty else "")
 
 
 def context_lines(args: argparse.Namespace) -> list[str]:

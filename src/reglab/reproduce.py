@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import subprocess
@@ -20,7 +19,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 
 from reglab.report import read_jobs
@@ -390,21 +388,10 @@ def run_preset(preset: str, sweeps_root: Path, extra: list[str]) -> Path:
 
 
 def machine_facts() -> str:
-    """CPU model, cores and versions, recorded beside the numbers."""
-    import os
+    """Commit, versions and machine, recorded beside the numbers (reglab.provenance)."""
+    from reglab.provenance import describe, provenance
 
-    import torch
-
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-        platform.processor(),
-    )
-    return (
-        f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, torch {torch.__version__}; "
-        f"{date.today().isoformat()}"
-    )
+    return describe(provenance())
 
 
 def write_results(
@@ -491,8 +478,34 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     figures = [str(f.relative_to(out.parent)) for f in copy_figures(sweeps, out.parent / "figures")]
     write_results(out, outcomes, runs, figures)
-    print(f"[reproduce] wrote {out}")
+    write_job_records(out.with_suffix(".json"), results)
+    print(f"[reproduce] wrote {out} and {out.with_suffix('.json')}")
     return 0
+
+
+RECORDED = (
+    "status",
+    "epochs_run",
+    "best_epoch",
+    "train/acc",
+    "val/acc",
+    "val/loss",
+    "test/acc",
+    "test/loss",
+    "test/ece",
+)
+
+
+def write_job_records(path: Path, results: dict[str, list[dict]]) -> None:
+    """Every finished job's overrides and headline metrics, with the provenance: what tests/test_published.py
+    re-runs to check that the published numbers still come out of the code."""
+    from reglab.provenance import provenance
+
+    jobs = {
+        preset: [{"overrides": s["overrides"], **{key: s.get(key) for key in RECORDED}} for s in summaries]
+        for preset, summaries in results.items()
+    }
+    path.write_text(json.dumps({"provenance": provenance(), "presets": jobs}, indent=1) + "\n")
 
 
 def copy_figures(sweeps_root: Path, target: Path) -> list[Path]:
