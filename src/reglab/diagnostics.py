@@ -209,7 +209,7 @@ def overfit_onset_epoch(
 
 def _overfitting_line(history: Sequence[Mapping], summary: Mapping) -> str:
     levels = _loss_levels(history, window=5)
-    gap = _finite(summary.get("gap/acc"))
+    gap = _finite(summary.get("gap/test_acc"))
     gap_text = f"; train-test accuracy gap {100 * gap:.1f} points" if gap is not None else ""
     if levels is None:
         return "no overfitting diagnosis: no epoch with finite training and validation loss"

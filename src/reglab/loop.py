@@ -303,8 +303,8 @@ def epoch_metrics(model, data: DataSplits, regs, losses, lr: float, eval_batch_s
     return {
         "epoch": epoch,
         **numbers,
-        "gap/loss": numbers["val/loss"] - numbers["train/loss"],
-        "gap/acc": numbers["train/acc"] - numbers["val/acc"],
+        "gap/val_loss": numbers["val/loss"] - numbers["train/loss"],
+        "gap/val_acc": numbers["train/acc"] - numbers["val/acc"],
         **diagnostics.weight_statistics(model),
         "lr": lr,
     }
@@ -391,8 +391,10 @@ def build_summary(state: TrainState, regs: Regularization, final: dict, weights:
     }
     for split, metrics in final.items():
         summary.update({f"{split}/{k}": v for k, v in metrics.items()})
-    summary["gap/acc"] = summary["train/acc"] - summary["test/acc"]
-    summary["gap/loss"] = summary["test/loss"] - summary["train/loss"]
+    summary["gap/val_acc"] = summary["train/acc"] - summary["val/acc"]
+    summary["gap/val_loss"] = summary["val/loss"] - summary["train/loss"]
+    summary["gap/test_acc"] = summary["train/acc"] - summary["test/acc"]
+    summary["gap/test_loss"] = summary["test/loss"] - summary["train/loss"]
     summary.update(weights)
     summary.update(job_facts(state, regs))
     summary["train_time_s"] = round(state.train_time_s, 4)
@@ -421,8 +423,10 @@ def job_facts(state: TrainState, regs: Regularization | None) -> dict:
 
 
 SUMMARY_METRICS = [f"{split}/{m}" for split in ("train", "val", "test") for m in ("loss", "acc")] + [
-    "gap/acc",
-    "gap/loss",
+    "gap/val_acc",
+    "gap/val_loss",
+    "gap/test_acc",
+    "gap/test_loss",
     "best_epoch",
     "overfit_onset_epoch",
     "test/nll",
@@ -486,7 +490,7 @@ def print_summary(summary: dict, run_dir: Path, diagnosis: list[str], quiet: boo
     print(
         f"[reglab] {summary['status']} after {summary['epochs_run']} epochs (best epoch {summary['best_epoch']}): "
         f"train {pct('train/acc')}, val {pct('val/acc')}, test {pct('test/acc')}, "
-        f"gap {100 * summary['gap/acc']:.1f} points, test loss {summary['test/loss']:.3f}"
+        f"train-test gap {100 * summary['gap/test_acc']:.1f} points, test loss {summary['test/loss']:.3f}"
     )
     for line in diagnosis:
         print(f"[reglab] {line}")

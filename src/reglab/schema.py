@@ -217,7 +217,7 @@ MONITORABLE = (
     "val/confidence",
     "train/loss",
     "train/acc",
-    "gap/loss",
+    "gap/val_loss",
 )
 
 
