@@ -160,7 +160,7 @@ def test_diagnosis_of_an_overfitting_early_stopped_sparse_overconfident_run():
         "status": "early_stopped",
         "epochs_run": 100,
         "best_epoch": 30,
-        "gap/acc": 0.352,
+        "gap/test_acc": 0.352,
         "train/acc": 1.0,
         "test/acc": 0.65,
         "test/ece": 0.21,
