@@ -69,6 +69,56 @@ def test_prediction_metrics_by_hand():
     assert metrics["confidence"].item() == pytest.approx((p + 0.5 + q) / 3)
 
 
+def calibrated_logits(n: int = 4000, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits z and labels drawn from softmax(z): a perfectly calibrated model by construction."""
+    generator = torch.Generator().manual_seed(1)
+    logits = 1.5 * torch.randn(n, classes, generator=generator)
+    labels = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
+    return logits, labels
+
+
+def test_temperature_fixes_an_overconfident_model():
+    logits, labels = calibrated_logits()
+    overconfident = 5 * logits
+    fit = diagnostics.fit_temperature(overconfident, labels)
+    assert 3.5 < fit.temperature < 7.0 and not fit.at_bound  # the true answer is 5
+    nll_before = F.cross_entropy(overconfident, labels)
+    nll_after = F.cross_entropy(overconfident / fit.temperature, labels)
+    assert nll_after < nll_before
+    assert diagnostics.fit_temperature(overconfident, labels) == fit  # deterministic
+
+
+def test_temperature_of_a_calibrated_model_is_about_one():
+    logits, labels = calibrated_logits()
+    assert 0.85 < diagnostics.fit_temperature(logits, labels).temperature < 1.15
+
+
+def test_temperature_is_the_minimum_of_the_nll_on_a_fine_grid():
+    logits, labels = calibrated_logits(n=500)
+    logits = 2.5 * logits.double()
+    grid = torch.logspace(-0.5, 1.0, 30001, dtype=torch.float64)  # T from 0.32 to 10, steps of 0.01%
+    nll = torch.stack([F.cross_entropy(logits / t, labels) for t in grid])
+    best_on_grid = grid[nll.argmin()].item()
+    assert diagnostics.fit_temperature(logits, labels).temperature == pytest.approx(best_on_grid, rel=3e-4)
+
+
+def test_perfectly_separated_logits_hit_the_lower_bound_and_say_so():
+    """Every validation sample right with a margin: the NLL falls towards 0 as T -> 0, so there is no optimum;
+    the fit must return the bound and flag it, not wherever an optimizer happened to stop."""
+    labels = torch.arange(200) % 10
+    logits = torch.randn(200, 10, generator=torch.Generator().manual_seed(0))
+    logits[torch.arange(200), labels] += 8.0  # the true class beats every other by a wide margin
+    assert (logits.argmax(1) == labels).all()
+    fit = diagnostics.fit_temperature(logits, labels)
+    assert fit == (diagnostics.TEMPERATURE_BOUNDS[0], True)
+
+
+def test_logits_that_are_always_wrong_hit_the_upper_bound_and_say_so():
+    logits = torch.randn(500, 10, generator=torch.Generator().manual_seed(0))
+    labels = logits.argmin(1)  # the true class always gets the lowest logit: the NLL falls as T -> inf
+    assert diagnostics.fit_temperature(logits, labels) == (diagnostics.TEMPERATURE_BOUNDS[1], True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Weight statistics
 

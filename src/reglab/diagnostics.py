@@ -1,7 +1,7 @@
 """Overfitting diagnostics of one run: calibration, weight statistics, the onset of overfitting, and plots.
 
-The training loop calls `prediction_metrics` and `weight_statistics` once per epoch, `overfit_onset_epoch` and
-`diagnose` at the end, and the `plot_*` functions to draw a run's figures. matplotlib is imported only inside
+The training loop calls `prediction_metrics` and `weight_statistics` once per epoch, `fit_temperature`
+(temperature scaling), `overfit_onset_epoch` and `diagnose` at the end, and the `plot_*` functions to draw a run's figures. matplotlib is imported only inside
 the plotting functions, which build a bare `matplotlib.figure.Figure` (no pyplot): nothing is registered
 globally, no backend is switched, and each figure is freed with its last reference, so thousands of jobs in one
 process do not accumulate figures.
@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,54 @@ def prediction_metrics(logits: Tensor, targets: Tensor, n_bins: int = 15) -> dic
         "ece": expected_calibration_error(confidences, correct, n_bins),
         "confidence": confidences.mean(),
     }
+
+
+TEMPERATURE_BOUNDS = (
+    0.05,
+    20.0,
+)  # T below 0.05 or above 20 is no calibration but a sign of degenerate logits
+
+
+class TemperatureFit(NamedTuple):
+    temperature: float
+    at_bound: bool  # the NLL optimum lies at or beyond a bound of the search: T is that bound
+
+
+def _nll_slope(logits: Tensor, targets: Tensor, inverse_temperature: float) -> float:
+    """d/dβ of the mean NLL of softmax(β·logits): mean over samples of E_p[z] − z_target (float64)."""
+    probs = torch.softmax(inverse_temperature * logits, dim=1)
+    expected_logit = (probs * logits).sum(dim=1)
+    return (expected_logit - logits.gather(1, targets.unsqueeze(1)).squeeze(1)).mean().item()
+
+
+def fit_temperature(
+    logits: Tensor, targets: Tensor, bounds: tuple[float, float] = TEMPERATURE_BOUNDS, halvings: int = 60
+) -> TemperatureFit:
+    """Temperature scaling (Guo et al. 2017): the T in `bounds` that minimizes NLL(softmax(logits / T), targets)
+    on validation data; divide test logits by it before the softmax (the argmax, so accuracy, is unchanged).
+
+    As a function of the inverse temperature β = 1/T the NLL is convex (log-sum-exp of functions linear in β,
+    minus one), so its slope mean_i(E_p[z_i] − z_i,target) rises with β and the minimizer is where the slope
+    changes sign: found by bisection on log β over [1/T_max, 1/T_min] (`halvings` = 60 leaves an interval far
+    below float64's resolution), in float64, deterministic. When the slope has one sign over the whole interval
+    the optimum lies outside it: T is the nearer bound and `at_bound` is True. Perfectly separated validation
+    logits do that (the NLL keeps falling as T -> 0, and an unbounded optimizer returns wherever its line search
+    stopped), and so do logits that carry no information (T -> inf, uniform predictions).
+    """
+    logits, targets = logits.detach().double(), targets.detach()
+    t_min, t_max = bounds
+    low, high = -math.log(t_max), -math.log(t_min)  # log β: β = 1/T runs from 1/T_max to 1/T_min
+    if _nll_slope(logits, targets, math.exp(low)) >= 0:
+        return TemperatureFit(t_max, True)
+    if _nll_slope(logits, targets, math.exp(high)) <= 0:
+        return TemperatureFit(t_min, True)
+    for _ in range(halvings):
+        middle = (low + high) / 2
+        if _nll_slope(logits, targets, math.exp(middle)) < 0:
+            low = middle
+        else:
+            high = middle
+    return TemperatureFit(math.exp(-(low + high) / 2), False)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -362,13 +362,16 @@ def finish(model, data: DataSplits, regs: Regularization, state: TrainState, rec
 
 def temperature_scaling(val_logits: Tensor, val_y: Tensor, test_logits: Tensor, test_y: Tensor) -> dict:
     """The post-hoc calibration reference (Guo et al. 2017): one temperature fitted on validation, applied to test."""
-    from reglab.regularizers.label_smoothing import fit_temperature
-
     if not torch.isfinite(val_logits).all():
         return {}
-    temperature = fit_temperature(val_logits, val_y)
-    scaled = as_floats(diagnostics.prediction_metrics(test_logits / temperature, test_y))
-    return {"temperature": temperature, "test/ts_nll": scaled["nll"], "test/ts_ece": scaled["ece"]}
+    fit = diagnostics.fit_temperature(val_logits, val_y)
+    scaled = as_floats(diagnostics.prediction_metrics(test_logits / fit.temperature, test_y))
+    return {
+        "temperature": fit.temperature,
+        "temperature_at_bound": fit.at_bound,  # T is a bound of the search, not an optimum
+        "test/ts_nll": scaled["nll"],
+        "test/ts_ece": scaled["ece"],
+    }
 
 
 def as_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
