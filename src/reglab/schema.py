@@ -325,6 +325,8 @@ def _check_cross_keys(cfg: Mapping) -> None:
         raise ConfigError(
             "regularizer.early_stopping.monitor", stop["monitor"], "one of " + ", ".join(MONITORABLE)
         )
+    if stop:
+        _check_early_stopping_thresholds(stop)
     if cfg["trainer"]["device"] == "cuda":
         import torch
 
@@ -332,6 +334,32 @@ def _check_cross_keys(cfg: Mapping) -> None:
             raise ConfigError(
                 "trainer.device", "cuda", "auto or cpu: no CUDA device is visible on this machine"
             )
+
+
+def monitor_direction(monitor: str, mode: str) -> str:
+    """'min' or 'max', by the rule of reglab.regularizers.early_stopping.resolve_mode (not imported here:
+    validation runs before torch is loaded): "auto" maximizes accuracies and minimizes everything else."""
+    if mode != "auto":
+        return mode
+    return "max" if "acc" in monitor.lower() else "min"
+
+
+def _check_early_stopping_thresholds(stop: Mapping) -> None:
+    """A divergence threshold that is not worse than the stopping threshold stops every run at once: each
+    score either reaches the one or passes the other."""
+    stopping, divergence = stop["stopping_threshold"], stop["divergence_threshold"]
+    if stopping is None or divergence is None:
+        return
+    minimizing = monitor_direction(stop["monitor"], stop["mode"]) == "min"
+    if (divergence > stopping) if minimizing else (divergence < stopping):
+        return
+    direction = "above" if minimizing else "below"
+    raise ConfigError(
+        "regularizer.early_stopping.divergence_threshold",
+        divergence,
+        f"null or a number {direction} stopping_threshold={stopping:g} when {stop['monitor']} is "
+        f"{'minimized' if minimizing else 'maximized'} (otherwise every score stops training at once)",
+    )
 
 
 class ValidateSweep(Callback):
