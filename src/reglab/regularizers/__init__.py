@@ -128,8 +128,9 @@ class L1(WeightNormTechnique):
 
     def after_step(self, optimizer):
         if self.mode == "proximal":
-            # ISTA: after a gradient step of size lr, the prox of lr·λ·|w| is soft-thresholding by lr·λ. Exact for
-            # SGD; after an Adam step (per-weight step sizes) it is the common heuristic, still giving exact zeros.
+            # ISTA: after a gradient step of size lr, the prox of lr·λ·|w| is soft-thresholding by lr·λ. Exact only
+            # after plain SGD (momentum 0): step + prox = one ISTA iteration on the batch. After a momentum or Adam
+            # step it is a heuristic (l1_l2.py says which) that still gives exact zeros.
             threshold = _current_lr(optimizer) * self.strength
             shrink = l1_l2.proximal_l1_ if self.impl == "scratch" else l1_l2.proximal_l1_torch_
             shrink(self.params, threshold)
