@@ -239,7 +239,7 @@ def test_a_run_imports_only_what_it_uses(tmp_path, data_root):
 
 def test_the_optuna_search_writes_its_best_parameters(tmp_path, data_root):
     sweep = tmp_path / "search"
-    run_train(
+    result = run_train(
         [
             "-m",
             "hparams_search=optuna",
@@ -253,6 +253,8 @@ def test_the_optuna_search_writes_its_best_parameters(tmp_path, data_root):
         tmp_path,
         data_root,
     )
+    assert result.stdout.startswith("[reglab] OptunaSweeper: 3 trials, minimize the validation loss, over\n")
+    assert "[reglab]   optimizer.lr: tag(log, interval(1e-4, 1e-1))" in result.stdout  # the search space
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {
         "regularizer.l2.weight_decay",
