@@ -102,9 +102,14 @@ def cnn_baseline(results):
         f"CNN test {ms(cnn, 'test/acc')}% (train {ms(cnn, 'train/acc')}%) vs MLP {ms(mlp, 'test/acc')}%",
         "CNN test >= 90%, far above the MLP",
         holds,
-        "the paper's CNN (25 channels, kernels 5-3-3, stride 2) trained on 3200 samples (paper: 4000), final model "
-        f"after 150 epochs. The CNN overfits too (gap {ms(cnn, 'gap/test_acc')} points); with element-wise dropout p=0.1 in its conv "
-        f"blocks (preset dropout_conv) it reaches {ms(regularized, 'test/acc')}%.",
+        "the paper's CNN (25 channels, kernels 5-3-3, stride 2), final model after 150 epochs, trained on 3200 "
+        "signals: reglab holds 800 of the 4000 out for validation. That is the cause of the gap to 94% "
+        "(docs/cnn_gap.md): the paper's own protocol (all 4000 signals, no validation set, final model after 6000 "
+        "steps; benchmarks/mnist1d_paper_cnn.py) reproduces its 94% here and drops below 90% on reglab's 3200, "
+        "and this preset with `dataset.val_fraction=0.05` (3800 signals) gains most of the gap back; padding, batch "
+        "order and reading the peak of the test curve each move the number by less than a point. The CNN overfits "
+        f"too (train-test gap {ms(cnn, 'gap/test_acc')} points); with element-wise dropout p=0.1 in its conv blocks "
+        f"(preset dropout_conv) it reaches {ms(regularized, 'test/acc')}%.",
     )
 
 
