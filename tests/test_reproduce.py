@@ -42,3 +42,17 @@ def test_small_data_does_not_hold_when_the_validation_winner_does_not_help_on_te
     outcome = reproduce.small_data({"small_data": small_data_runs("dropout", "none")})
     assert "selected by val loss: none" in outcome.measured
     assert not outcome.holds  # the test-best dropout (40%) must not rescue the finding
+
+
+def test_the_cnn_note_names_the_conv_dropout_setting_that_validation_selects():
+    def conv_run(kind: str, p: float, test_acc: float, val_loss: float) -> dict:
+        hparams = {"regularizer.dropout.conv_kind": kind, "regularizer.dropout.conv_p": p}
+        return {"hparams": hparams, "test/acc": test_acc, "val/loss": val_loss}
+
+    runs = [
+        conv_run("element", 0.1, test_acc=0.95, val_loss=0.40),  # the best on test
+        conv_run("channel", 0.3, test_acc=0.90, val_loss=0.30),  # the lowest validation loss
+        conv_run("element", 0.0, test_acc=0.88, val_loss=0.50),
+    ]
+    text = reproduce.conv_dropout_choice(runs)
+    assert "selects channel p=0.3 dropout" in text and "90.0" in text and "95.0" not in text
