@@ -208,3 +208,10 @@ def test_contradictory_keys_are_refused():
     )
     with pytest.raises(ConfigError, match="variant"):
         validate(cfg)
+    cfg = composed(
+        "regularizer=early_stopping",
+        "regularizer.early_stopping.stopping_threshold=0.5",
+        "regularizer.early_stopping.divergence_threshold=0.4",  # minimizing val/loss: every score stops
+    )
+    with pytest.raises(ConfigError, match="divergence_threshold=0.4 is not allowed: .* above stopping_thr"):
+        validate(cfg)

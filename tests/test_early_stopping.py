@@ -211,3 +211,115 @@ def test_load_state_dict_rejects_another_monitor():
     state = EarlyStopping(monitor="val/loss").state_dict()
     with pytest.raises(ValueError, match="monitor='val/loss'"):
         EarlyStopping(monitor="val/acc").load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every combination of the options: it works, or validation refuses it before training
+
+INF = math.inf
+SEQUENCES = {  # scores of epochs 0, 1, ...: non-finite values first, later, throughout, and none
+    "nan_first": [NAN, 1.0, 0.9, 0.95, 0.96, 0.97],
+    "nan_later": [1.0, 0.9, NAN, NAN, NAN, NAN],
+    "all_nan": [NAN, NAN, NAN, NAN],
+    "plus_inf_first": [INF, 1.0, 0.9, 1.0, 1.1, 1.2],
+    "minus_inf_first": [-INF, 0.1, 0.2, 0.3, 0.4],
+    "inf_later": [1.0, 0.8, INF, -INF, 0.7, 0.75, 0.8],
+    "finite": [1.0, 0.8, 0.85, 0.9, 0.95, 1.0],
+}
+OPTION_VALUES = {
+    "mode": ["min", "max"],
+    "patience": [0, 2],
+    "min_delta": [0.0, 0.05],
+    "delta_mode": ["abs", "rel"],
+    "baseline": [None, 0.9],
+    "start_from_epoch": [0, 1],
+    "check_finite": [True, False],
+    "stopping_threshold": [None, 0.85],
+    "divergence_threshold": [None, 2.0, 0.5],
+}
+
+
+def option_combinations():
+    import itertools
+
+    names = list(OPTION_VALUES)
+    for values in itertools.product(*OPTION_VALUES.values()):
+        yield dict(zip(names, values, strict=True))
+
+
+@pytest.fixture(scope="module")
+def early_stopping_config():
+    """The composed default config with regularizer=early_stopping, as plain containers."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["regularizer=early_stopping", "logger=none"])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _feed(stopper: EarlyStopping, scores) -> tuple[int | None, list[float]]:
+    """Step through `scores`; returns the stop epoch and the scores early stopping monitored (warm-up and the
+    non-finite score that check_finite stops at are not monitored)."""
+    monitored = []
+    for epoch, score in enumerate(scores):
+        stop_at_non_finite = stopper.check_finite and not math.isfinite(score)
+        warm_up = stopper.steps < stopper.start_from_epoch
+        if not stop_at_non_finite and not warm_up:
+            monitored.append(score)
+        if stopper.step(score, epoch):
+            return epoch, monitored
+    return None, monitored
+
+
+def _check_decisions(stopper: EarlyStopping, scores, options: dict) -> None:
+    stop_epoch, monitored = _feed(stopper, scores)
+    if stop_epoch is not None:
+        assert isinstance(stopper.stop_reason, str) and "None" not in stopper.stop_reason, stopper.stop_reason
+        assert stopper.step(0.5, stop_epoch + 1) is True  # stays stopped
+    if options["check_finite"] and any(not math.isfinite(s) for s in scores):
+        first_non_finite = next(i for i, s in enumerate(scores) if not math.isfinite(s))
+        assert stop_epoch is not None and stop_epoch <= first_non_finite
+    candidates = [s for s in monitored if not math.isnan(s)]
+    if not candidates:
+        assert stopper.best_score is None
+        return
+    best_of_all = min(candidates) if stopper.mode == "min" else max(candidates)
+    if options["min_delta"] == 0:
+        assert stopper.best_score == best_of_all  # every strictly better score is a new best
+    else:  # a margin may keep an earlier best, never a worse-than-everything infinity
+        worst = INF if stopper.mode == "min" else -INF
+        assert stopper.best_score != worst or best_of_all == worst
+
+
+def test_every_combination_of_options_works_or_is_refused(early_stopping_config):
+    from reglab.errors import ConfigError
+    from reglab.schema import validate
+
+    refused = 0
+    for options in option_combinations():
+        cfg = {**early_stopping_config}
+        cfg["regularizer"] = {"early_stopping": {**cfg["regularizer"]["early_stopping"], **options}}
+        try:
+            validate(cfg)
+        except ConfigError as error:
+            assert "regularizer.early_stopping." in str(error), error
+            refused += 1
+            continue
+        node = cfg["regularizer"]["early_stopping"]
+        for name, scores in SEQUENCES.items():
+            try:
+                _check_decisions(EarlyStopping(**node), scores, options)
+            except Exception as error:
+                raise AssertionError(f"{name} {options}: {type(error).__name__}: {error}") from error
+    assert 0 < refused < len(list(option_combinations()))  # contradictory thresholds only
+
+
+@pytest.mark.parametrize("monitor", ["val/loss", "val/acc", "val/nll", "train/acc", "gap/val_loss"])
+@pytest.mark.parametrize("mode", ["auto", "min", "max"])
+def test_validation_resolves_the_direction_as_early_stopping_does(monitor, mode):
+    from reglab.schema import monitor_direction
+
+    assert monitor_direction(monitor, mode) == resolve_mode(monitor, mode)

@@ -241,3 +241,48 @@ def test_proximal_l1_gives_exact_zeros_and_subgradient_does_not():
     assert (proximal[:5] != 0).all()  # and the 5 informative ones survive
     assert (subgradient == 0).sum() <= 1
     assert subgradient[5:].abs().max() < 0.05  # small, but not zero: that is the point
+
+
+def _prox_sgd_trajectory(momentum: float, steps: int = 25, lr: float = 0.05) -> list[torch.Tensor]:
+    """Weights after each step of reglab's proximal L1 (the L1 technique's after_step hook) on torch's SGD."""
+    from reglab.regularizers import L1
+
+    x, y = _sparse_regression()
+    model = nn.Linear(x.shape[1], 1, bias=False)
+    nn.init.zeros_(model.weight)
+    l1 = L1(LAMBDA, mode="proximal", impl="scratch")
+    l1.setup(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    trajectory = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (((model(x).squeeze(1) - y) ** 2).mean() / 2).backward()
+        optimizer.step()
+        l1.after_step(optimizer)
+        trajectory.append(model.weight.detach().squeeze(0).clone())
+    return trajectory
+
+
+def _by_hand(momentum: float, steps: int = 25, lr: float = 0.05) -> list[torch.Tensor]:
+    """ISTA (momentum 0) and the proximal heavy-ball step w <- soft(w - lr·b, lr·λ), b <- μ·b + ∇f(w)."""
+    x, y = _sparse_regression()
+    w, buffer, trajectory = torch.zeros(x.shape[1]), torch.zeros(x.shape[1]), []
+    for _ in range(steps):
+        gradient = x.T @ (x @ w - y) / len(y)
+        buffer = momentum * buffer + gradient
+        step = w - lr * buffer
+        w = step.sign() * (step.abs() - lr * LAMBDA).clamp(min=0)
+        trajectory.append(w)
+    return trajectory
+
+
+def test_proximal_l1_after_plain_sgd_is_exactly_ista():
+    for ours, ista in zip(_prox_sgd_trajectory(momentum=0.0), _by_hand(momentum=0.0), strict=True):
+        torch.testing.assert_close(ours, ista, rtol=1e-5, atol=1e-6)
+
+
+def test_proximal_l1_after_momentum_sgd_is_a_proximal_heavy_ball_step_not_ista():
+    ours, ista = _prox_sgd_trajectory(momentum=0.9), _by_hand(momentum=0.0)
+    for step, heavy_ball in zip(ours, _by_hand(momentum=0.9), strict=True):
+        torch.testing.assert_close(step, heavy_ball, rtol=1e-4, atol=1e-5)
+    assert (ours[-1] - ista[-1]).abs().max() > 0.1  # the iterates are not ISTA's

@@ -1,10 +1,10 @@
-"""Label smoothing from scratch vs F.cross_entropy, and temperature scaling."""
+"""Label smoothing from scratch vs F.cross_entropy."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from reglab.regularizers.label_smoothing import fit_temperature, label_smoothing_cross_entropy, smooth_targets
+from reglab.regularizers.label_smoothing import label_smoothing_cross_entropy, smooth_targets
 
 EPSILONS = [0.0, 0.1, 0.3, 1.0]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -92,27 +92,3 @@ def test_invalid_arguments(kwargs, message):
 def test_off_target_needs_two_classes():
     with pytest.raises(ValueError, match="num_classes=1"):
         smooth_targets(torch.tensor([0]), 1, 0.1, "off_target")
-
-
-def _calibrated_logits(n: int = 4000, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits z and labels drawn from softmax(z): a perfectly calibrated model by construction."""
-    g = _generator(1)
-    logits = 1.5 * torch.randn(n, classes, generator=g)
-    labels = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=g).squeeze(1)
-    return logits, labels
-
-
-def test_temperature_fixes_an_overconfident_model():
-    logits, labels = _calibrated_logits()
-    overconfident = 5 * logits
-    temperature = fit_temperature(overconfident, labels)
-    assert 3.5 < temperature < 7.0  # the true answer is 5
-    nll_before = F.cross_entropy(overconfident, labels)
-    nll_after = F.cross_entropy(overconfident / temperature, labels)
-    assert nll_after < nll_before
-    assert fit_temperature(overconfident, labels) == temperature  # deterministic
-
-
-def test_temperature_of_a_calibrated_model_is_about_one():
-    logits, labels = _calibrated_logits()
-    assert 0.85 < fit_temperature(logits, labels) < 1.15

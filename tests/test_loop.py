@@ -69,6 +69,7 @@ def test_monte_carlo_dropout_metrics_land_in_the_summary(tmp_path, data_root):
     summary = read_summary(tmp_path)
     assert 0.0 < summary["test/mc_acc"] <= 1.0 and summary["test/mc_entropy"] > 0.0
     assert summary["temperature"] > 0.0 and summary["test/ts_ece"] is not None
+    assert summary["temperature_at_bound"] in (True, False)
 
 
 def test_a_wandb_failure_mid_run_never_fails_the_run(tmp_path, capsys):

@@ -43,9 +43,10 @@ def write_job(
     return job
 
 
-def finished(test_acc: float, status: str = "completed", **extra) -> dict:
+def finished(test_acc: float, status: str = "completed", val_loss: float = 1.0, **extra) -> dict:
     return {
         "status": status,
+        "val/loss": val_loss,
         "error": None,
         "epochs_run": 3,
         "best_epoch": 2,
@@ -55,7 +56,7 @@ def finished(test_acc: float, status: str = "completed", **extra) -> dict:
         "test/acc": test_acc,
         "test/ece": 0.1,
         "test/nll": 1.5,
-        "gap/acc": 1.0 - test_acc,
+        "gap/test_acc": 1.0 - test_acc,
         "weights/zero_frac": 0.0,
         **extra,
     }
@@ -90,7 +91,10 @@ def sweep(tmp_path: Path) -> Path:
     }
     write_job(root, 6, [*l2, "regularizer.l2.weight_decay=0", "trainer.seed=1"], diverged)
     write_job(root, 7, [*l2, "regularizer.l2.weight_decay=0", "trainer.seed=2"], None, truncate=True)
-    write_job(root, 8, [*l2, "regularizer.l2.weight_decay=0.01", "trainer.seed=0"], finished(0.65))
+    # the lowest validation loss, though not the highest test accuracy (that is weight_decay=0.001's 68%)
+    write_job(
+        root, 8, [*l2, "regularizer.l2.weight_decay=0.01", "trainer.seed=0"], finished(0.65, val_loss=0.9)
+    )
     (root / "multirun.yaml").write_text("hydra: {}\n")
     return root
 
@@ -121,7 +125,7 @@ def test_means_and_stds_over_seeds_match_hand_computed_values(sweep):
     assert float(none["test/acc_mean"]) == pytest.approx(0.62)
     assert float(none["test/acc_std"]) == pytest.approx(statistics.stdev([0.60, 0.64]))  # 0.0283, sample std
     assert float(decay["test/acc_mean"]) == pytest.approx(0.68)  # seeds 0.70 and 0.66; the failed seed is out
-    assert float(decay["gap/acc_mean"]) == pytest.approx(0.32)
+    assert float(decay["gap/test_acc_mean"]) == pytest.approx(0.32)
     assert float(decay["weights/zero_frac_mean"]) == pytest.approx(0.01)
     assert float(decay["overfit_frac"]) == pytest.approx(0.5)  # one of the two seeds overfits
     assert (decay["n"], decay["n_not_ok"], decay["l2.weight_decay"]) == ("2", "1", "0.001")
@@ -136,7 +140,7 @@ def test_report_files_table_and_failure_section(sweep):
         assert (sweep / name).stat().st_size > 0, name
     assert (sweep / "report_strength.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = markdown_path.read_text()
-    assert "| **68.0 ± 2.8** |" in markdown  # the best mean test accuracy, in bold
+    assert "**`l2 weight_decay=0.01`**" in markdown and "| **0.900** |" in markdown  # the selected row
     assert "`l2 weight_decay=0.001` | 2 (+1 excluded) |" in markdown
     assert "Overrides shared by every job: `trainer.epochs=5`" in markdown
     failures = markdown.split("## Failed, diverged or incomplete jobs")[1]
@@ -147,6 +151,30 @@ def test_report_files_table_and_failure_section(sweep):
         in failures
     )
     assert "Traceback" not in failures  # only the error's first line
+
+
+def test_the_winner_is_selected_on_validation_loss_never_on_test_accuracy(sweep):
+    """weight_decay=0.001 has the best test accuracy (68%), weight_decay=0.01 the lowest validation loss: the
+    report must name the latter, with its test accuracy beside it, in report.md and report.csv alike."""
+    markdown = report.write_report(sweep, verbose=False).read_text()
+    assert (
+        "Selected by lowest mean validation loss (`val/loss`, the sweep's objective): `l2 weight_decay=0.01`, "
+        "val loss 0.900; its test accuracy 65.0% (n=1)." in markdown
+    )
+    assert "**68.0" not in markdown and "**`l2 weight_decay=0.001`**" not in markdown
+    rows = csv_rows(sweep / "report.csv")
+    assert {group for group, row in rows.items() if row["selected"] == "1"} == {"l2 weight_decay=0.01"}
+
+
+def test_wandb_report_run_names_the_validation_selected_group(sweep):
+    report.write_report(sweep, verbose=False)
+    logged, summary = [], {}
+    run = types.SimpleNamespace(log=logged.append, summary=summary)
+    report.log_report_to_wandb(run, sweep)
+    assert summary["selected/group"] == "l2 weight_decay=0.01"
+    assert summary["selected/val_loss"] == pytest.approx(0.9)
+    assert summary["selected/test_acc"] == pytest.approx(0.65)
+    assert "val/loss" in summary["selected/rule"] and not any(key.startswith("best/") for key in summary)
 
 
 def test_truncated_metrics_and_mean_validation_curve(sweep):

@@ -18,8 +18,8 @@ EPOCH_KEYS = {
     "val/acc",
     "lr",
     "time_s",
-    "gap/loss",
-    "gap/acc",
+    "gap/val_loss",
+    "gap/val_acc",
     "val/nll",
     "val/ece",
     "val/confidence",
@@ -41,8 +41,10 @@ SUMMARY_KEYS = {
     "val/acc",
     "test/loss",
     "test/acc",
-    "gap/acc",
-    "gap/loss",
+    "gap/val_acc",
+    "gap/val_loss",
+    "gap/test_acc",
+    "gap/test_loss",
     "overrides",
     "wall_time_s",
     "test/ece",
@@ -69,8 +71,10 @@ def test_a_single_run_leaves_the_promised_files(tmp_path, data_root):
     summary = read_summary(run_dir)
     assert SUMMARY_KEYS <= set(summary)
     assert summary["status"] == "completed" and summary["epochs_run"] == 4
-    assert summary["gap/acc"] == pytest.approx(summary["train/acc"] - summary["test/acc"])
-    assert summary["gap/loss"] == pytest.approx(summary["test/loss"] - summary["train/loss"])
+    assert summary["gap/val_acc"] == pytest.approx(summary["train/acc"] - summary["val/acc"])
+    assert summary["gap/val_loss"] == pytest.approx(summary["val/loss"] - summary["train/loss"])
+    assert summary["gap/test_acc"] == pytest.approx(summary["train/acc"] - summary["test/acc"])
+    assert summary["gap/test_loss"] == pytest.approx(summary["test/loss"] - summary["train/loss"])
     assert "trainer.epochs=4" in summary["overrides"]
     for name in ("best.pt", "last.pt"):
         weights = torch.load(run_dir / name, weights_only=True)
@@ -78,6 +82,18 @@ def test_a_single_run_leaves_the_promised_files(tmp_path, data_root):
     for plot in ("curves.png", "reliability.png", "weights.png"):
         assert (run_dir / plot).stat().st_size > 1000
     assert not (run_dir / "checkpoint.pt").exists()  # removed once the run has finished
+
+
+def test_a_key_in_metrics_and_summary_means_the_same_in_both(tmp_path, data_root):
+    """One name, one meaning: without early stopping the evaluated model is the last epoch's, so every key that
+    the last metrics.jsonl row and summary.json share must hold the same number in both."""
+    run_dir = tmp_path / "run"
+    run_train(["logger=none", *TINY, f"hydra.run.dir={run_dir}"], tmp_path, data_root)
+    last_epoch, summary = read_metrics(run_dir)[-1], read_summary(run_dir)
+    shared = sorted(set(last_epoch) & set(summary))
+    for key in shared:
+        assert summary[key] == pytest.approx(last_epoch[key], rel=1e-9, abs=1e-12), key
+    assert {"train/acc", "val/loss", "gap/val_acc", "gap/val_loss", "weights/l2"} <= set(shared)
 
 
 def test_the_l2_grid_runs_one_job_per_value(tmp_path, data_root):
@@ -223,7 +239,7 @@ def test_a_run_imports_only_what_it_uses(tmp_path, data_root):
 
 def test_the_optuna_search_writes_its_best_parameters(tmp_path, data_root):
     sweep = tmp_path / "search"
-    run_train(
+    result = run_train(
         [
             "-m",
             "hparams_search=optuna",
@@ -237,6 +253,8 @@ def test_the_optuna_search_writes_its_best_parameters(tmp_path, data_root):
         tmp_path,
         data_root,
     )
+    assert result.stdout.startswith("[reglab] OptunaSweeper: 3 trials, minimize the validation loss, over\n")
+    assert "[reglab]   optimizer.lr: tag(log, interval(1e-4, 1e-1))" in result.stdout  # the search space
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {
         "regularizer.l2.weight_decay",

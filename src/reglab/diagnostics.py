@@ -1,7 +1,7 @@
 """Overfitting diagnostics of one run: calibration, weight statistics, the onset of overfitting, and plots.
 
-The training loop calls `prediction_metrics` and `weight_statistics` once per epoch, `overfit_onset_epoch` and
-`diagnose` at the end, and the `plot_*` functions to draw a run's figures. matplotlib is imported only inside
+The training loop calls `prediction_metrics` and `weight_statistics` once per epoch, `fit_temperature`
+(temperature scaling), `overfit_onset_epoch` and `diagnose` at the end, and the `plot_*` functions to draw a run's figures. matplotlib is imported only inside
 the plotting functions, which build a bare `matplotlib.figure.Figure` (no pyplot): nothing is registered
 globally, no backend is switched, and each figure is freed with its last reference, so thousands of jobs in one
 process do not accumulate figures.
@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,54 @@ def prediction_metrics(logits: Tensor, targets: Tensor, n_bins: int = 15) -> dic
     }
 
 
+TEMPERATURE_BOUNDS = (
+    0.05,
+    20.0,
+)  # T below 0.05 or above 20 is no calibration but a sign of degenerate logits
+
+
+class TemperatureFit(NamedTuple):
+    temperature: float
+    at_bound: bool  # the NLL optimum lies at or beyond a bound of the search: T is that bound
+
+
+def _nll_slope(logits: Tensor, targets: Tensor, inverse_temperature: float) -> float:
+    """d/dβ of the mean NLL of softmax(β·logits): mean over samples of E_p[z] − z_target (float64)."""
+    probs = torch.softmax(inverse_temperature * logits, dim=1)
+    expected_logit = (probs * logits).sum(dim=1)
+    return (expected_logit - logits.gather(1, targets.unsqueeze(1)).squeeze(1)).mean().item()
+
+
+def fit_temperature(
+    logits: Tensor, targets: Tensor, bounds: tuple[float, float] = TEMPERATURE_BOUNDS, halvings: int = 60
+) -> TemperatureFit:
+    """Temperature scaling (Guo et al. 2017): the T in `bounds` that minimizes NLL(softmax(logits / T), targets)
+    on validation data; divide test logits by it before the softmax (the argmax, so accuracy, is unchanged).
+
+    As a function of the inverse temperature β = 1/T the NLL is convex (log-sum-exp of functions linear in β,
+    minus one), so its slope mean_i(E_p[z_i] − z_i,target) rises with β and the minimizer is where the slope
+    changes sign: found by bisection on log β over [1/T_max, 1/T_min] (`halvings` = 60 leaves an interval far
+    below float64's resolution), in float64, deterministic. When the slope has one sign over the whole interval
+    the optimum lies outside it: T is the nearer bound and `at_bound` is True. Perfectly separated validation
+    logits do that (the NLL keeps falling as T -> 0, and an unbounded optimizer returns wherever its line search
+    stopped), and so do logits that carry no information (T -> inf, uniform predictions).
+    """
+    logits, targets = logits.detach().double(), targets.detach()
+    t_min, t_max = bounds
+    low, high = -math.log(t_max), -math.log(t_min)  # log β: β = 1/T runs from 1/T_max to 1/T_min
+    if _nll_slope(logits, targets, math.exp(low)) >= 0:
+        return TemperatureFit(t_max, True)
+    if _nll_slope(logits, targets, math.exp(high)) <= 0:
+        return TemperatureFit(t_min, True)
+    for _ in range(halvings):
+        middle = (low + high) / 2
+        if _nll_slope(logits, targets, math.exp(middle)) < 0:
+            low = middle
+        else:
+            high = middle
+    return TemperatureFit(math.exp(-(low + high) / 2), False)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Weight statistics
 
@@ -126,25 +175,47 @@ def _finite(value: object) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-@dataclass(frozen=True)
-class _LossLevels:
-    """Validation and training loss around the epoch of lowest validation loss, and at the end of training."""
+def _running_median(values: Sequence[float], window: int) -> list[float]:
+    """The median of each value's window of `window` epochs: centred on it, shifted inwards at the two ends of
+    the run so that every median is over a full window (the first and last epochs are as noise-proof as the
+    rest); over the whole run when it is shorter than `window`."""
+    window = min(window, len(values))
+    last_start = len(values) - window
+    starts = [min(max(0, i - window // 2), last_start) for i in range(len(values))]
+    return [median(values[start : start + window]) for start in starts]
 
-    best_epoch: int  # epoch of the lowest validation loss
-    val_at_best: float  # median validation loss of the epochs centred on best_epoch
-    val_at_end: float  # median validation loss of the last epochs after best_epoch (nan if there are none)
-    train_at_best: float
-    train_at_end: float
-    epochs_after_best: int
+
+@dataclass(frozen=True)
+class _LossCurves:
+    """A run's validation and training loss, smoothed by a running median (see `overfit_onset_epoch`)."""
+
+    epochs: list[int]
+    val: list[float]  # running median of the validation loss
+    train: list[float]  # running median of the training loss
+    lowest: int  # index of the lowest validation loss, unsmoothed (the first one on ties)
 
     @property
-    def val_rise(self) -> float:
-        """Relative rise of validation loss from its lowest level to the end, e.g. 0.41 for +41%."""
-        return self.val_at_end / self.val_at_best - 1 if self.val_at_best > 0 else math.inf
+    def epochs_after_lowest(self) -> int:
+        return len(self.val) - self.lowest - 1
+
+    def threshold(self, min_rise: float, min_abs_rise: float) -> float:
+        """The smoothed loss at the lowest epoch plus the tolerance max(min_rise · level, min_abs_rise)."""
+        lowest = self.val[self.lowest]
+        return lowest + max(min_rise * lowest, min_abs_rise)
+
+    def sustained_rise_start(self, threshold: float) -> int | None:
+        """Index of the first epoch after the lowest from which the smoothed validation loss stays above
+        `threshold` to the end of the run; None if it ends at or below it."""
+        start = None
+        for index in range(len(self.val) - 1, self.lowest, -1):
+            if self.val[index] <= threshold:
+                break
+            start = index
+        return start
 
 
-def _loss_levels(history: Sequence[Mapping], window: int) -> _LossLevels | None:
-    """Loss levels of a run's history (see `overfit_onset_epoch`); None without any finite epoch."""
+def _loss_curves(history: Sequence[Mapping], window: int) -> _LossCurves | None:
+    """The smoothed curves of a run's history, read up to its first non-finite epoch; None without any."""
     epochs, val, train = [], [], []
     for index, row in enumerate(history):
         val_loss, train_loss = _finite(row.get("val/loss")), _finite(row.get("train/loss"))
@@ -155,17 +226,8 @@ def _loss_levels(history: Sequence[Mapping], window: int) -> _LossLevels | None:
         train.append(train_loss)
     if not epochs:
         return None
-    best = min(range(len(val)), key=val.__getitem__)  # the first epoch of the lowest validation loss
-    around_best = slice(max(0, best - window // 2), best + window // 2 + 1)
-    at_end = slice(max(best + 1, len(val) - window), len(val))
-    return _LossLevels(
-        best_epoch=epochs[best],
-        val_at_best=median(val[around_best]),
-        val_at_end=median(val[at_end]) if val[at_end] else math.nan,
-        train_at_best=median(train[around_best]),
-        train_at_end=median(train[at_end]) if train[at_end] else math.nan,
-        epochs_after_best=len(val) - best - 1,
-    )
+    lowest = min(range(len(val)), key=val.__getitem__)
+    return _LossCurves(epochs, _running_median(val, window), _running_median(train, window), lowest)
 
 
 def overfit_onset_epoch(
@@ -173,32 +235,40 @@ def overfit_onset_epoch(
     min_rise: float = 0.05,
     window: int = 5,
     min_abs_rise: float = 0.01,
+    min_epochs: int = 3,
 ) -> int | None:
-    """The epoch from which the run overfits, or None if it does not (by the end of `history`).
+    """The epoch from which the run overfits: where a sustained rise of validation loss begins; None if none.
 
     `history` is the list of per-epoch records (keys "epoch", "val/loss", "train/loss"); it is read up to the
     first epoch whose losses are missing or not finite (a diverged run stops being about generalization there).
-    Let m be the epoch of the lowest validation loss (the first one on ties). The run overfits from m when, at
-    the end of training, all of these hold:
+    Both losses are smoothed by a running median over `window` epochs centred on each epoch (5 by default; the
+    windows of the first and last epochs are shifted inwards to stay full), so that one or two outlying epochs
+    can neither start nor interrupt a rise. Let m be the epoch of the lowest validation loss (the first on ties;
+    `best_epoch` unless early stopping monitors another metric), L the smoothed loss at m (the median of its
+    window, so that one lucky epoch does not set the bar) and tolerance = max(`min_rise` · L, `min_abs_rise`)
+    (5% of the loss, but at least 0.01 nats, so that a loss near 0 does not count a negligible wiggle). The
+    onset is the first epoch after m from which the smoothed validation loss stays above L + tolerance until
+    the end of the run, provided that
 
-    1. At least `window // 2 + 1` epochs follow m (3 by default), so that a rise is more than one measurement.
-    2. Validation loss has risen: its median over the last `window` epochs after m is at least
-       (1 + `min_rise`) times, and at least `min_abs_rise` nats above, its median over the `window` epochs
-       centred on m. The relative margin (5%) scales with the loss; the absolute one (0.01 nats) keeps a tiny
-       loss near 0 from counting a negligible wiggle as a rise.
-    3. Training loss has kept falling: its median over those last epochs is below its median around m (if both
-       losses rise, the optimization is unstable, which is not overfitting).
+    1. it stays there for at least `min_epochs` epochs (3): fewer epochs after the minimum, as when early
+       stopping with patience < 3 ends the run, are too few to tell a rise from noise (None);
+    2. the smoothed training loss ends below its level at m (if both losses rise, the optimization is unstable,
+       which is not overfitting).
 
-    Medians over windows of 5 epochs make the test robust to noise: one or two outlying epochs can neither start
-    nor hide a rise, and a lucky dip at m does not make a flat curve look like a rise. A rise that later recedes
-    (epoch-wise double descent) is not reported, because the question is whether the final model overfits.
+    So the onset comes after the epoch of lowest validation loss, where the rise has passed the tolerance (for
+    a clean U-shaped curve a few epochs after its minimum); a flat or noisy plateau that never leaves the
+    tolerance band has no onset however late its minimum falls, and a late rise has its onset where it begins,
+    not at a minimum long before. A rise that recedes before the end (epoch-wise double descent) is not
+    reported: the question is whether the final model overfits.
     """
-    levels = _loss_levels(history, window)
-    if levels is None or levels.epochs_after_best < window // 2 + 1:
+    curves = _loss_curves(history, window)
+    if curves is None:
         return None
-    rose = levels.val_at_end >= max((1 + min_rise) * levels.val_at_best, levels.val_at_best + min_abs_rise)
-    train_kept_falling = levels.train_at_end < levels.train_at_best
-    return levels.best_epoch if rose and train_kept_falling else None
+    start = curves.sustained_rise_start(curves.threshold(min_rise, min_abs_rise))
+    if start is None or len(curves.val) - start < min_epochs:
+        return None
+    train_kept_falling = curves.train[-1] < curves.train[curves.lowest]
+    return curves.epochs[start] if train_kept_falling else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,23 +276,30 @@ def overfit_onset_epoch(
 
 
 def _overfitting_line(history: Sequence[Mapping], summary: Mapping) -> str:
-    levels = _loss_levels(history, window=5)
-    gap = _finite(summary.get("gap/acc"))
+    curves = _loss_curves(history, window=5)
+    gap = _finite(summary.get("gap/test_acc"))
     gap_text = f"; train-test accuracy gap {100 * gap:.1f} points" if gap is not None else ""
-    if levels is None:
+    if curves is None:
         return "no overfitting diagnosis: no epoch with finite training and validation loss"
+    lowest, lowest_epoch, end = curves.val[curves.lowest], curves.epochs[curves.lowest], curves.val[-1]
+    rise = end / lowest - 1 if lowest > 0 else math.inf
     onset = overfit_onset_epoch(history)
     if onset is not None:
         return (
-            f"overfitting from epoch {onset}: validation loss up {levels.val_rise:.0%} from its lowest level "
-            f"({levels.val_at_best:.3g} -> {levels.val_at_end:.3g}) while training loss fell "
-            f"({levels.train_at_best:.3g} -> {levels.train_at_end:.3g}){gap_text}"
+            f"overfitting from epoch {onset}: validation loss stays more than 5% above its lowest level "
+            f"({lowest:.3g} at epoch {lowest_epoch}) from then on and ends at {end:.3g} ({rise:+.0%}), while "
+            f"training loss fell ({curves.train[curves.lowest]:.3g} -> {curves.train[-1]:.3g}){gap_text}"
         )
-    if levels.epochs_after_best == 0:
+    if curves.epochs_after_lowest == 0:
         return f"no overfitting detected: validation loss was still at its lowest in the last epoch{gap_text}"
+    if curves.epochs_after_lowest < 3:
+        return (
+            f"too early to tell: only {curves.epochs_after_lowest} epochs after the lowest validation loss "
+            f"(epoch {lowest_epoch}), 3 are needed to tell a rise from noise{gap_text}"
+        )
     return (
-        f"no overfitting detected: validation loss ends {levels.val_rise:+.0%} from its lowest level "
-        f"(epoch {levels.best_epoch}){gap_text}"
+        f"no overfitting detected: validation loss ends {rise:+.0%} from its lowest level "
+        f"(epoch {lowest_epoch}){gap_text}"
     )
 
 

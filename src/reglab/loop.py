@@ -495,8 +495,8 @@ def epoch_metrics(model, data: DataSplits, regs, losses, lrs: list[float], stack
     return [
         {
             **numbers[k],
-            "gap/loss": numbers[k]["val/loss"] - numbers[k]["train/loss"],
-            "gap/acc": numbers[k]["train/acc"] - numbers[k]["val/acc"],
+            "gap/val_loss": numbers[k]["val/loss"] - numbers[k]["train/loss"],
+            "gap/val_acc": numbers[k]["train/acc"] - numbers[k]["val/acc"],
             **diagnostics.weight_statistics(member_weights(model, k)),
             "lr": lrs[k],
         }
@@ -588,13 +588,16 @@ def finish(
 
 def temperature_scaling(val_logits: Tensor, val_y: Tensor, test_logits: Tensor, test_y: Tensor) -> dict:
     """The post-hoc calibration reference (Guo et al. 2017): one temperature fitted on validation, applied to test."""
-    from reglab.regularizers.label_smoothing import fit_temperature
-
     if not torch.isfinite(val_logits).all():
         return {}
-    temperature = fit_temperature(val_logits, val_y)
-    scaled = as_floats(diagnostics.prediction_metrics(test_logits / temperature, test_y))
-    return {"temperature": temperature, "test/ts_nll": scaled["nll"], "test/ts_ece": scaled["ece"]}
+    fit = diagnostics.fit_temperature(val_logits, val_y)
+    scaled = as_floats(diagnostics.prediction_metrics(test_logits / fit.temperature, test_y))
+    return {
+        "temperature": fit.temperature,
+        "temperature_at_bound": fit.at_bound,  # T is a bound of the search, not an optimum
+        "test/ts_nll": scaled["nll"],
+        "test/ts_ece": scaled["ece"],
+    }
 
 
 def as_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
@@ -625,8 +628,10 @@ def build_summary(member: Member, techniques: list[str], final: dict, weights: d
     }
     for split, metrics in final.items():
         summary.update({f"{split}/{k}": v for k, v in metrics.items()})
-    summary["gap/acc"] = summary["train/acc"] - summary["test/acc"]
-    summary["gap/loss"] = summary["test/loss"] - summary["train/loss"]
+    summary["gap/val_acc"] = summary["train/acc"] - summary["val/acc"]
+    summary["gap/val_loss"] = summary["val/loss"] - summary["train/loss"]
+    summary["gap/test_acc"] = summary["train/acc"] - summary["test/acc"]
+    summary["gap/test_loss"] = summary["test/loss"] - summary["train/loss"]
     summary.update(weights)
     summary.update(job_facts(member, techniques))
     summary["train_time_s"] = round(member.train_time_s, 4)
@@ -656,8 +661,10 @@ def job_facts(member: Member, techniques: list[str]) -> dict:
 
 
 SUMMARY_METRICS = [f"{split}/{m}" for split in ("train", "val", "test") for m in ("loss", "acc")] + [
-    "gap/acc",
-    "gap/loss",
+    "gap/val_acc",
+    "gap/val_loss",
+    "gap/test_acc",
+    "gap/test_loss",
     "best_epoch",
     "overfit_onset_epoch",
     "test/nll",
@@ -725,7 +732,7 @@ def print_summary(summary: dict, run_dir: Path, diagnosis: list[str], quiet: boo
     print(
         f"[reglab] {summary['status']} after {summary['epochs_run']} epochs (best epoch {summary['best_epoch']}): "
         f"train {pct('train/acc')}, val {pct('val/acc')}, test {pct('test/acc')}, "
-        f"gap {100 * summary['gap/acc']:.1f} points, test loss {summary['test/loss']:.3f}"
+        f"train-test gap {100 * summary['gap/test_acc']:.1f} points, test loss {summary['test/loss']:.3f}"
     )
     for line in diagnosis:
         print(f"[reglab] {line}")

@@ -8,8 +8,9 @@ overrides without the seed (`trainer.seed=...`) and Hydra's own settings (`hydra
 stopped jobs enter the means, all others are listed with their reason. The report is read from disk only, never
 from W&B, and written next to the jobs:
 
-- report.md: the table, best test accuracy in bold, then the failed, diverged or incomplete jobs;
-- report.csv: one row per group with mean and std columns, for scripts and W&B;
+- report.md: the table with the selected configuration in bold (lowest mean validation loss, `SELECTION_METRIC`;
+  its test accuracy is shown beside it, never used to select), then the failed, diverged or incomplete jobs;
+- report.csv: one row per group with mean and std columns and a `selected` column, for scripts and W&B;
 - report_strength.png: test accuracy, generalization gap and ECE against each technique's strength;
 - report_val_loss.png: validation loss per epoch, mean over seeds, one line per group (at most 20).
 
@@ -40,6 +41,8 @@ from reglab.errors import FINISHED
 log = logging.getLogger(__name__)
 
 OK_STATUSES = FINISHED  # the jobs whose numbers enter the means
+SELECTION_METRIC = "val/loss"  # a sweep's winner: lowest mean validation cross-entropy, never a test metric
+SELECTION_RULE = "lowest mean validation loss (`val/loss`, the sweep's objective)"
 SEED_KEY = "trainer.seed"
 STRENGTH_KEYS = {  # the parameter that sets how strongly each technique regularizes: the x axis of its plot
     "l2": "weight_decay",
@@ -56,7 +59,7 @@ METRICS = (  # summary.json keys aggregated per group (report.csv has a mean and
     "train/acc",
     "val/acc",
     "test/acc",
-    "gap/acc",
+    "gap/test_acc",
     "train/loss",
     "val/loss",
     "test/loss",
@@ -383,18 +386,21 @@ def _strength_columns(groups: Sequence[Group]) -> list[str]:
 
 
 def write_csv(groups: Sequence[Group], path: Path) -> Path:
-    """report.csv: group label, techniques, overrides, each technique's strength, n, then mean/std columns."""
+    """report.csv: group label, techniques, overrides, each technique's strength, n, `selected` (1 for the
+    configuration `selected_group` picks by validation loss, else 0), then mean/std columns."""
     techniques = _strength_columns(groups)
+    selected = selected_group(groups)
     header = ["group", "techniques", "overrides"]
     header += [f"{t}.{STRENGTH_KEYS[t]}" for t in techniques]
-    header += ["n", "n_not_ok", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")), "overfit_frac"]
+    header += ["n", "n_not_ok", "selected"]
+    header += [*(f"{m}_{s}" for m in METRICS for s in ("mean", "std")), "overfit_frac"]
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(header)
         for group in groups:
             strengths = [group.strength(t) if t in group.techniques else None for t in techniques]
             row = [group.label, "+".join(group.techniques) or "none", " ".join(group.overrides), *strengths]
-            row += [len(group.ok_jobs), len(group.jobs) - len(group.ok_jobs)]
+            row += [len(group.ok_jobs), len(group.jobs) - len(group.ok_jobs), int(group is selected)]
             row += [value for m in METRICS for value in group.stats[m][:2]]
             row.append(group.stats["overfit_frac"][0] if group.stats["overfit_frac"][2] else None)
             writer.writerow(["" if _is_missing(v) else v for v in row])
@@ -413,19 +419,22 @@ def _format(group: Group, metric: str, scale: float = 1.0, digits: int = 1) -> s
     return text if math.isnan(std) else f"{text} ± {scale * std:.{digits}f}"
 
 
-def _table_row(group: Group, best: Group | None) -> str:
+def _table_row(group: Group, selected: Group | None) -> str:
     n_not_ok = len(group.jobs) - len(group.ok_jobs)
     n = f"{len(group.ok_jobs)}" + (f" (+{n_not_ok} excluded)" if n_not_ok else "")
-    test_acc = _format(group, "test/acc", 100)
+    label, val_loss = f"`{group.label}`", _format(group, "val/loss", digits=3)
+    if group is selected:
+        label, val_loss = f"**{label}**", f"**{val_loss}**"
     overfit_mean, _, overfit_n = group.stats["overfit_frac"]
     overfits = f"{round(overfit_mean * overfit_n)}/{overfit_n}" if overfit_n else "-"
     cells = [
-        f"`{group.label}`",
+        label,
         n,
         _format(group, "train/acc", 100),
         _format(group, "val/acc", 100),
-        f"**{test_acc}**" if group is best else test_acc,
-        _format(group, "gap/acc", 100),
+        val_loss,
+        _format(group, "test/acc", 100),
+        _format(group, "gap/test_acc", 100),
         _format(group, "test/ece", digits=3),
         _format(group, "test/nll", digits=3),
         _format(group, "best_epoch"),
@@ -439,9 +448,12 @@ def _markdown_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _best_group(groups: Sequence[Group]) -> Group | None:
-    reported = [g for g in groups if g.stats["test/acc"][2] > 0]
-    return max(reported, key=lambda g: g.mean("test/acc")) if reported else None
+def selected_group(groups: Sequence[Group]) -> Group | None:
+    """The configuration a sweep selects: lowest mean validation loss (SELECTION_METRIC, the objective that
+    train.py returns to sweepers). Test accuracy is reported beside it, never used to choose: a winner picked
+    on the test set makes its test score an optimistic estimate."""
+    candidates = [g for g in groups if g.stats[SELECTION_METRIC][2] > 0]
+    return min(candidates, key=lambda g: g.mean(SELECTION_METRIC)) if candidates else None
 
 
 def _context_lines(sweep_dir: Path, jobs: Sequence[Job], groups: Sequence[Group]) -> list[str]:
@@ -465,22 +477,26 @@ def _context_lines(sweep_dir: Path, jobs: Sequence[Job], groups: Sequence[Group]
 def write_markdown(
     sweep_dir: Path, jobs: Sequence[Job], groups: Sequence[Group], path: Path, plots: Sequence[Path]
 ) -> Path:
-    best = _best_group(groups)
+    selected = selected_group(groups)
     lines = [f"# Sweep report: {sweep_dir.name}", "", *_context_lines(sweep_dir, jobs, groups), ""]
-    if best is not None:
+    if selected is not None:
         lines += [
-            f"Best test accuracy: `{best.label}`, {_format(best, 'test/acc', 100)}% (n={len(best.ok_jobs)}).",
+            f"Selected by {SELECTION_RULE}: `{selected.label}`, val loss "
+            f"{_format(selected, 'val/loss', digits=3)}; its test accuracy {_format(selected, 'test/acc', 100)}% "
+            f"(n={len(selected.ok_jobs)}). Test numbers are never used to select.",
             "",
         ]
     lines += [
-        "| group | n | train acc % | val acc % | test acc % | gap (points) | test ECE | test NLL | best epoch "
-        "| overfits | zero weights % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        *(_table_row(group, best) for group in groups),
+        "| group | n | train acc % | val acc % | val loss | test acc % | train-test gap (points) | test ECE "
+        "| test NLL | best epoch | overfits | zero weights % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *(_table_row(group, selected) for group in groups),
         "",
         "Mean ± sample standard deviation over seeds. n counts the completed or early-stopped seeds; failed, "
-        "diverged and incomplete seeds are excluded from the means (listed below). gap = train accuracy - test accuracy in "
-        "percentage points. overfits = seeds with an overfitting onset (`reglab.diagnostics.overfit_onset_epoch`).",
+        "diverged and incomplete seeds are excluded from the means (listed below). The selected configuration "
+        f"(bold) has the {SELECTION_RULE}. val loss = cross-entropy of the evaluated model on the validation "
+        "set; train-test gap = train accuracy - test accuracy in percentage points. overfits = seeds with an "
+        "overfitting onset (`reglab.diagnostics.overfit_onset_epoch`).",
         "",
         *(f"![{plot.stem}]({plot.name})" for plot in plots),
         "",
@@ -541,7 +557,7 @@ def _set_strength_axis(axes, technique: str, strengths: Sequence[float]) -> None
 
 STRENGTH_PANELS = (  # (metric, scale, y label) of the rows of report_strength.png
     ("test/acc", 100, "test accuracy %"),
-    ("gap/acc", 100, "train - test accuracy (points)"),
+    ("gap/test_acc", 100, "train - test accuracy (points)"),
     ("test/ece", 1, "test ECE"),
 )
 
@@ -596,11 +612,12 @@ def _mean_curve(group: Group) -> tuple[list[int], list[float]]:
 
 
 def _curve_groups(groups: Sequence[Group]) -> list[Group]:
-    """The groups to draw: all, or the MAX_CURVES best by test accuracy, keeping the unregularized baseline."""
-    reported = [g for g in groups if g.stats["test/acc"][2] > 0]
+    """The groups to draw: all, or the MAX_CURVES with the lowest mean validation loss (the selection rule),
+    keeping the unregularized baseline."""
+    reported = [g for g in groups if g.stats[SELECTION_METRIC][2] > 0]
     if len(reported) <= MAX_CURVES:
         return reported
-    chosen = sorted(reported, key=lambda g: -g.mean("test/acc"))[:MAX_CURVES]
+    chosen = sorted(reported, key=lambda g: g.mean(SELECTION_METRIC))[:MAX_CURVES]
     baseline = next((g for g in reported if not g.techniques), None)
     if baseline is not None and baseline not in chosen:
         chosen[-1] = baseline
@@ -609,7 +626,7 @@ def _curve_groups(groups: Sequence[Group]) -> list[Group]:
 
 def plot_val_loss(groups: Sequence[Group], path: Path) -> Path | None:
     """report_val_loss.png: validation loss per epoch, mean over seeds, one line per group (at most MAX_CURVES,
-    the best by test accuracy, noted in the title). None if no group has a completed job."""
+    the lowest validation loss, noted in the title). None if no group has a completed job."""
     chosen = _curve_groups(groups)
     if not chosen:
         return None
@@ -621,11 +638,11 @@ def plot_val_loss(groups: Sequence[Group], path: Path) -> Path | None:
     colors = colormaps["tab20"].colors
     for index, group in enumerate(chosen):
         axes.plot(*_mean_curve(group), color=colors[index % len(colors)], label=group.label)
-    reported = sum(g.stats["test/acc"][2] > 0 for g in groups)
+    reported = sum(g.stats[SELECTION_METRIC][2] > 0 for g in groups)
     capped = ""
     if reported > len(chosen):
         baseline = " and no regularization" if any(not g.techniques for g in chosen) else ""
-        capped = f" ({len(chosen)} of {reported} groups: the best by test accuracy{baseline})"
+        capped = f" ({len(chosen)} of {reported} groups: the lowest validation loss{baseline})"
     axes.set_title(f"validation loss, mean over seeds{capped}")
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.set_xlabel("epoch")
@@ -646,14 +663,18 @@ def _save(figure, path: Path) -> Path:
 
 
 def _print_summary(groups: Sequence[Group], written: Sequence[Path]) -> None:
-    print(f"{'test acc %':>14}  {'gap':>11}  {'ECE':>13}  {'n':>3}  group")
+    selected = selected_group(groups)
+    print(f"  {'val loss':>15}  {'test acc %':>14}  {'gap':>11}  {'ECE':>13}  {'n':>3}  group")
     for group in groups[:STDOUT_ROWS]:
         print(
-            f"{_format(group, 'test/acc', 100):>14}  {_format(group, 'gap/acc', 100):>11}  "
+            f"{'*' if group is selected else ' '} {_format(group, 'val/loss', digits=3):>15}  "
+            f"{_format(group, 'test/acc', 100):>14}  {_format(group, 'gap/test_acc', 100):>11}  "
             f"{_format(group, 'test/ece', digits=3):>13}  {len(group.ok_jobs):>3}  {group.label}"
         )
     if len(groups) > STDOUT_ROWS:
         print(f"... {len(groups) - STDOUT_ROWS} more groups in report.md")
+    if selected is not None:
+        print(f"* selected by {SELECTION_RULE.replace('`', '')}: {selected.label}")
     for path in written:
         print(f"wrote {path}")
 
@@ -696,7 +717,8 @@ def _csv_cell(text: str) -> str | float | None:
 
 def log_report_to_wandb(run: Any, report_dir: str | Path) -> None:
     """Log a written report into an already started W&B run: report.csv as a table, the plots as images and
-    the best group in the run summary. The caller finishes the run."""
+    the selected group (report.csv's `selected` row: lowest mean validation loss) with its validation loss and
+    test accuracy in the run summary. The caller finishes the run."""
     import wandb
 
     report_dir = Path(report_dir)
@@ -709,11 +731,17 @@ def log_report_to_wandb(run: Any, report_dir: str | Path) -> None:
         if image.exists():
             payload[f"report/{name}"] = wandb.Image(str(image))
     run.log(payload)
-    accuracy_column = header.index("test/acc_mean")
-    scored = [row for row in data if isinstance(row[accuracy_column], float)]
-    if scored:
-        best = max(scored, key=lambda row: row[accuracy_column])
-        run.summary.update({"best/group": best[0], "best/test_acc": best[accuracy_column]})
+    columns = {name: header.index(name) for name in ("group", "selected", "val/loss_mean", "test/acc_mean")}
+    selected = next((row for row in data if row[columns["selected"]] == 1), None)
+    if selected is not None:
+        run.summary.update(
+            {
+                "selected/group": selected[columns["group"]],
+                "selected/rule": SELECTION_RULE.replace("`", ""),
+                "selected/val_loss": selected[columns["val/loss_mean"]],
+                "selected/test_acc": selected[columns["test/acc_mean"]],
+            }
+        )
 
 
 def _log_to_wandb(config: DictConfig, sweep_dir: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -90,18 +91,32 @@ def overfit_baseline(results):
 def cnn_baseline(results):
     cnn, mlp = results["cnn_baseline"], results.get("overfit_baseline", [])
     holds = mean(cnn, "test/acc") >= 0.90 and (not mlp or mean(cnn, "test/acc") > mean(mlp, "test/acc"))
-    regularized = select(
-        results.get("dropout_conv", []),
-        regularizer__dropout__conv_p=0.1,
-        regularizer__dropout__conv_kind="element",
-    )
     return Outcome(
         f"CNN test {ms(cnn, 'test/acc')}% (train {ms(cnn, 'train/acc')}%) vs MLP {ms(mlp, 'test/acc')}%",
         "CNN test >= 90%, far above the MLP",
         holds,
-        "the paper's CNN (25 channels, kernels 5-3-3, stride 2) trained on 3200 samples (paper: 4000), final model "
-        f"after 150 epochs. The CNN overfits too (gap {ms(cnn, 'gap/acc')} points); with element-wise dropout p=0.1 in its conv "
-        f"blocks (preset dropout_conv) it reaches {ms(regularized, 'test/acc')}%.",
+        "the paper's CNN (25 channels, kernels 5-3-3, stride 2), final model after 150 epochs, trained on 3200 "
+        "signals: reglab holds 800 of the 4000 out for validation. That is the cause of the gap to 94% "
+        "(docs/cnn_gap.md): the paper's own protocol (all 4000 signals, no validation set, final model after 6000 "
+        "steps; benchmarks/mnist1d_paper_cnn.py) reproduces its 94% here and drops below 90% on reglab's 3200, "
+        "and this preset with `dataset.val_fraction=0.05` (3800 signals) gains most of the gap back; padding, batch "
+        "order and reading the peak of the test curve each move the number by less than a point. The CNN overfits "
+        f"too (train-test gap {ms(cnn, 'gap/test_acc')} points). {conv_dropout_choice(results.get('dropout_conv', []))}",
+    )
+
+
+def conv_dropout_choice(runs: list[dict]) -> str:
+    """Which conv-dropout setting of the dropout_conv grid validation loss selects, and its test accuracy."""
+    settings: dict[str, list[dict]] = {}
+    for r in runs:
+        kind, p = r["hparams"]["regularizer.dropout.conv_kind"], r["hparams"]["regularizer.dropout.conv_p"]
+        settings.setdefault(f"{kind} p={p:g}", []).append(r)
+    if not settings:
+        return ""
+    chosen = selected_by_validation(settings)
+    return (
+        f"Among the conv-dropout settings of preset dropout_conv, the lowest validation loss selects {chosen} "
+        f"dropout in the conv blocks: {ms(settings[chosen], 'test/acc')}% test."
     )
 
 
@@ -129,10 +144,10 @@ def weight_decay(results):
     grid = sorted({r["hparams"]["regularizer.l2.weight_decay"] for r in runs})
     rows = {wd: select(runs, regularizer__l2__weight_decay=wd) for wd in grid}
     gaps = ", ".join(
-        f"λ={wd:g}: gap {ms(rows[wd], 'gap/acc')} train {ms(rows[wd], 'train/acc')}" for wd in grid
+        f"λ={wd:g}: gap {ms(rows[wd], 'gap/test_acc')} train {ms(rows[wd], 'train/acc')}" for wd in grid
     )
     top, zero = rows[grid[-1]], rows[grid[0]]
-    shrinks = min(mean(rows[wd], "gap/acc") for wd in grid[1:]) < mean(zero, "gap/acc") - 0.1
+    shrinks = min(mean(rows[wd], "gap/test_acc") for wd in grid[1:]) < mean(zero, "gap/test_acc") - 0.1
     underfits = mean(top, "train/acc") < 0.9
     return Outcome(
         gaps,
@@ -168,11 +183,11 @@ def dropout(results):
     runs = results["dropout"]
     rows = {p: select(runs, regularizer__dropout__p=p) for p in (0.0, 0.1, 0.3, 0.5)}
     text = ", ".join(
-        f"p={p:g}: gap {ms(r, 'gap/acc')} ECE {ms(r, 'test/ece', 1, 3)}" for p, r in rows.items()
+        f"p={p:g}: gap {ms(r, 'gap/test_acc')} ECE {ms(r, 'test/ece', 1, 3)}" for p, r in rows.items()
     )
-    holds = mean(rows[0.5], "gap/acc") < mean(rows[0.0], "gap/acc") and mean(rows[0.5], "test/ece") < mean(
-        rows[0.0], "test/ece"
-    )
+    holds = mean(rows[0.5], "gap/test_acc") < mean(rows[0.0], "gap/test_acc") and mean(
+        rows[0.5], "test/ece"
+    ) < mean(rows[0.0], "test/ece")
     return Outcome(text, "gap and ECE at p=0.5 below p=0", holds)
 
 
@@ -188,7 +203,7 @@ def dropout_variants(results):
         )
 
     parts = [
-        f"{label}: test {ms(cell(*key), 'test/acc')}% gap {ms(cell(*key), 'gap/acc')}"
+        f"{label}: test {ms(cell(*key), 'test/acc')}% gap {ms(cell(*key), 'gap/test_acc')}"
         for label, key in {
             "none": (0.0, 0.0, None),
             "input 0.2": (0.0, 0.2, None),
@@ -197,7 +212,7 @@ def dropout_variants(results):
             "both + max-norm 3": (0.5, 0.2, 3),
         }.items()
     ]
-    holds = mean(cell(0.5, 0.0, None), "gap/acc") < mean(cell(0.0, 0.0, None), "gap/acc") and mean(
+    holds = mean(cell(0.5, 0.0, None), "gap/test_acc") < mean(cell(0.0, 0.0, None), "gap/test_acc") and mean(
         cell(0.5, 0.2, 3), "weights/l2"
     ) < mean(cell(0.5, 0.2, None), "weights/l2")
     return Outcome("; ".join(parts), "hidden dropout shrinks the gap; max-norm shrinks the weights", holds)
@@ -263,22 +278,46 @@ def early_stopping(results):
     )
 
 
+def selected_by_validation(rows: dict[str, list[dict]], metric: str = "val/loss") -> str:
+    """The name whose runs have the lowest mean val/loss: how reglab names a winner (test numbers never choose).
+    metric="val/acc" picks the highest mean validation accuracy instead (for a note, never for a verdict)."""
+    scored = {name: mean(runs, metric) for name, runs in rows.items()}
+    candidates = [name for name in scored if not math.isnan(scored[name])]
+    if metric == "val/acc":
+        return max(candidates, key=scored.__getitem__)
+    return min(candidates, key=scored.__getitem__)
+
+
 def small_data(results):
     runs = results["small_data"]
-    parts, holds = [], True
+    parts, holds, by_accuracy = [], True, []
     for noise in (0.0, 0.2):
-        scores = {}
-        for name in ("none", "l2", "dropout", "label_smoothing", "early_stopping"):
-            rows = select(runs, [] if name == "none" else [name], dataset__label_noise=noise)
-            scores[name] = (mean(rows, "test/acc"), ms(rows, "test/acc"))
-        best = max(scores, key=lambda name: scores[name][0])
+        rows = {
+            name: select(runs, [] if name == "none" else [name], dataset__label_noise=noise)
+            for name in ("none", "l2", "dropout", "label_smoothing", "early_stopping")
+        }
+        chosen = selected_by_validation(rows)
+        by_accuracy.append(f"{selected_by_validation(rows, 'val/acc')} at noise {noise:g}")
         parts.append(
             f"noise {noise:g}: "
-            + ", ".join(f"{n} {text}%" for n, (_, text) in scores.items())
-            + f" (best: {best})"
+            + ", ".join(
+                f"{name} {ms(r, 'test/acc')}% (val loss {ms(r, 'val/loss', 1, 2)})"
+                for name, r in rows.items()
+            )
+            + f"; selected by val loss: {chosen}"
         )
-        holds &= scores[best][0] - scores["none"][0] > 0.01
-    return Outcome("; ".join(parts), "the best technique beats no regularization by > 1 point", holds)
+        holds &= mean(rows[chosen], "test/acc") - mean(rows["none"], "test/acc") > 0.01
+    return Outcome(
+        "; ".join(parts),
+        "the technique with the lowest validation loss beats no regularization by > 1 point of test accuracy",
+        holds,
+        "the winner is chosen by mean validation loss (the sweep's objective), and its test accuracy is then "
+        "read off; choosing by test accuracy would make the winner's test score an optimistic estimate. Early "
+        "stopping's validation loss is itself selected on validation (the restored epoch has the lowest one), "
+        "which favours it under this rule, and cross-entropy rewards calibration (label smoothing) more than "
+        "accuracy. The highest validation accuracy, a rule that matches this question's test accuracy without "
+        f"looking at the test set, would select {' and '.join(by_accuracy)}.",
+    )
 
 
 def dropout_conv(results):
@@ -286,11 +325,11 @@ def dropout_conv(results):
 
     def gap(kind, p):
         return mean(
-            select(runs, regularizer__dropout__conv_kind=kind, regularizer__dropout__conv_p=p), "gap/acc"
+            select(runs, regularizer__dropout__conv_kind=kind, regularizer__dropout__conv_p=p), "gap/test_acc"
         )
 
     parts = [
-        f"{kind} p={p:g}: test {ms(rows, 'test/acc')}% gap {ms(rows, 'gap/acc')}"
+        f"{kind} p={p:g}: test {ms(rows, 'test/acc')}% gap {ms(rows, 'gap/test_acc')}"
         for kind in ("element", "channel")
         for p in (0.0, 0.1, 0.3)
         for rows in [select(runs, regularizer__dropout__conv_kind=kind, regularizer__dropout__conv_p=p)]

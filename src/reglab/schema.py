@@ -219,7 +219,7 @@ MONITORABLE = (
     "val/confidence",
     "train/loss",
     "train/acc",
-    "gap/loss",
+    "gap/val_loss",
 )
 
 
@@ -327,6 +327,8 @@ def _check_cross_keys(cfg: Mapping) -> None:
         raise ConfigError(
             "regularizer.early_stopping.monitor", stop["monitor"], "one of " + ", ".join(MONITORABLE)
         )
+    if stop:
+        _check_early_stopping_thresholds(stop)
     if cfg["trainer"]["device"] == "cuda":
         import torch
 
@@ -336,19 +338,52 @@ def _check_cross_keys(cfg: Mapping) -> None:
             )
 
 
+def monitor_direction(monitor: str, mode: str) -> str:
+    """'min' or 'max', by the rule of reglab.regularizers.early_stopping.resolve_mode (not imported here:
+    validation runs before torch is loaded): "auto" maximizes accuracies and minimizes everything else."""
+    if mode != "auto":
+        return mode
+    return "max" if "acc" in monitor.lower() else "min"
+
+
+def _check_early_stopping_thresholds(stop: Mapping) -> None:
+    """A divergence threshold that is not worse than the stopping threshold stops every run at once: each
+    score either reaches the one or passes the other."""
+    stopping, divergence = stop["stopping_threshold"], stop["divergence_threshold"]
+    if stopping is None or divergence is None:
+        return
+    minimizing = monitor_direction(stop["monitor"], stop["mode"]) == "min"
+    if (divergence > stopping) if minimizing else (divergence < stopping):
+        return
+    direction = "above" if minimizing else "below"
+    raise ConfigError(
+        "regularizer.early_stopping.divergence_threshold",
+        divergence,
+        f"null or a number {direction} stopping_threshold={stopping:g} when {stop['monitor']} is "
+        f"{'minimized' if minimizing else 'maximized'} (otherwise every score stops training at once)",
+    )
+
+
 class ValidateSweep(Callback):
-    """Hydra callback: before a grid sweep starts, compose and validate every job's config, so that one bad value
-    stops the sweep at once (one line, exit status 2) instead of failing job 7 after six jobs trained.
+    """Hydra callback: before a sweep starts, say how many jobs it will run and over which values, then compose
+    and validate every job's config, so that one bad value stops the sweep at once (one line, exit status 2)
+    instead of failing job 7 after six jobs trained.
 
     It expands the grid exactly as Hydra's basic sweeper does: the `hydra.sweeper.params` that options and presets
-    carry, then the command line. Other sweepers (Optuna draws its values as it goes) are left alone, and so are
-    errors that only the data can reveal (`dataset.n_train` larger than the data set): those fail their own job.
+    carry, then the command line. The basic sweeper runs under every launcher (basic, joblib, submitit, SLURM), and
+    this callback runs before the launcher starts, so every launcher prints the grid first. Other sweepers (Optuna
+    draws its values as it goes) get their trial count and search space printed and are not validated here, and
+    neither are errors that only the data can reveal (`dataset.n_train` larger than the data set): those fail
+    their own job.
     """
 
     def on_multirun_start(self, config, **kwargs) -> None:
         if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
+            print("\n".join(describe_search(config)), flush=True)
             return
-        for overrides in grid_jobs(config):
+        jobs = grid_jobs(config)
+        print("\n".join(describe_grid(jobs)), flush=True)
+        for overrides in jobs:
             try:
                 validate(composed_job(overrides))
             except ConfigError as err:
@@ -359,6 +394,48 @@ class ValidateSweep(Callback):
                     file=sys.stderr,
                 )
                 raise SystemExit(2) from None
+
+
+def swept_values(jobs: list[list[str]]) -> dict[str, list[str]]:
+    """Each key that takes more than one value across the jobs, with its values in launch order."""
+    values: dict[str, list[str]] = {}
+    for job in jobs:
+        for override in job:
+            key, _, value = override.partition("=")
+            seen = values.setdefault(key, [])
+            if value not in seen:
+                seen.append(value)
+    return {key: seen for key, seen in values.items() if len(seen) > 1}
+
+
+def describe_grid(jobs: list[list[str]]) -> list[str]:
+    """'[reglab] sweep: 240 jobs = 5 x 4 x 4 x 3 over' and one line per swept key with its values: a grid that
+    multiplies out of the options' own grids is seen before it runs."""
+    grid = swept_values(jobs)
+    count = f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}"
+    if not grid:
+        return [f"[reglab] sweep: {count}, no key takes more than one value"]
+    product = " x ".join(str(len(values)) for values in grid.values())
+    head = f"[reglab] sweep: {count}" + (f" = {product}" if len(grid) > 1 else "") + " over"
+    return [head, *(f"[reglab]   {key}: {', '.join(values)} ({len(values)})" for key, values in grid.items())]
+
+
+def describe_search(config) -> list[str]:
+    """A sweeper that draws its values (Optuna): how many trials, what it optimizes, and the search space (the
+    sweeper's params, then the command line's sweep overrides)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    name = str(sweeper.get("_target_", "")).rsplit(".", 1)[-1] or "sweeper"
+    space = {str(key): str(value) for key, value in (sweeper.get("params") or {}).items()}
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    space.update(
+        {o.get_key_element(): o.input_line.partition("=")[2] for o in parsed if o.is_sweep_override()}
+    )
+    trials = sweeper.get("n_trials")
+    goal = f", {sweeper.direction} the validation loss" if sweeper.get("direction") else ""
+    head = f"[reglab] {name}: {trials if trials is not None else 'an open number of'} trials{goal}, over"
+    return [head, *(f"[reglab]   {key}: {value}" for key, value in space.items())]
 
 
 def grid_jobs(config) -> list[list[str]]:

@@ -217,8 +217,9 @@ class L1(WeightNormTechnique):
 
     def after_step(self, lrs):
         for k in self.in_mode("proximal"):
-            # ISTA: after a gradient step of size lr, the prox of lr·λ·|w| is soft-thresholding by lr·λ
-            # (see l1_l2.py for when this is exact).
+            # ISTA: after a gradient step of size lr, the prox of lr·λ·|w| is soft-thresholding by lr·λ. Exact only
+            # after plain SGD (momentum 0): step + prox = one ISTA iteration on the batch. After a momentum or Adam
+            # step it is a heuristic (l1_l2.py says which) that still gives exact zeros.
             shrink = l1_l2.proximal_l1_ if self.settings[k]["impl"] == "scratch" else l1_l2.proximal_l1_torch_
             shrink(self.params[k], lrs[k] * self.strength(k))
 

@@ -27,10 +27,14 @@ Semantics follow Keras 3 ``keras.callbacks.EarlyStopping`` where Keras and Light
   (Keras) or from 1 (reglab's loop): both skip the same number of epochs. Warm-up epochs neither set the best score nor count towards patience. The non-finite check still runs during
   warm-up, because a NaN loss never recovers.
 - ``check_finite`` (Lightning; Keras has a separate TerminateOnNaN callback): a NaN or ±inf score stops at
-  once. ``stopping_threshold`` (Lightning): stop as soon as the score is at least as good as it (Lightning
+  once. With ``check_finite=False`` a NaN score is never an improvement and counts towards patience, and
+  ±inf compare as numbers: any finite score improves on a best of +inf (mode "min"), whatever min_delta.
+  ``stopping_threshold`` (Lightning): stop as soon as the score is at least as good as it (Lightning
   requires strictly better). ``divergence_threshold`` (Lightning): stop as soon as the score is worse than it.
   Unlike Lightning, the best score is updated before the thresholds are checked, so the epoch that reaches
-  the stopping threshold is the one whose weights are restored.
+  the stopping threshold is the one whose weights are restored. A divergence threshold that is not worse than
+  the stopping threshold would stop every run at its first monitored epoch: reglab's config validation
+  refuses it.
 - ``min_delta < 0`` is an error: Keras takes abs(min_delta) and Lightning flips its sign, both silently.
 - ``restore_best`` (Keras ``restore_best_weights``): ``step(..., model=model)`` keeps a copy of the weights of
   the best epoch, and ``restore(model)`` loads them back. The caller calls ``restore`` when training ends for
@@ -112,9 +116,17 @@ class EarlyStopping:
         return value < reference if self.mode == "min" else value > reference
 
     def _is_improvement(self, value: float, reference: float | None) -> bool:
-        """Better than ``reference`` by more than min_delta (absolute) or min_delta·|reference| (relative)."""
+        """Better than ``reference`` by more than min_delta (absolute) or min_delta·|reference| (relative).
+
+        NaN is never an improvement; any score is one over no reference at all. Against an infinite reference
+        (a best of +inf when minimizing) a margin means nothing (inf − δ·inf is NaN): plain "better" decides.
+        """
+        if math.isnan(value):
+            return False
         if reference is None:
-            return not math.isnan(value)  # the first monitored score is the best so far, unless it is NaN
+            return True  # the first monitored score that is a number is the best so far
+        if not math.isfinite(reference):
+            return self._better(value, reference)
         # abs(reference) keeps the margin positive for negative scores (e.g. a log-likelihood).
         delta = self.min_delta if self.delta_mode == "abs" else self.min_delta * abs(reference)
         shifted = reference - delta if self.mode == "min" else reference + delta
@@ -168,6 +180,8 @@ class EarlyStopping:
         return False
 
     def _patience_reason(self) -> str:
+        if self.best_score is None:  # only NaN scores so far (check_finite=False lets them through)
+            return f"patience: no {self.monitor} but NaN in {self.wait} monitored epochs"
         unit = "%" if self.delta_mode == "rel" else ""
         delta = self.min_delta * 100 if self.delta_mode == "rel" else self.min_delta
         reason = (

@@ -15,11 +15,24 @@ Weight decay comes in two flavours (Loshchilov & Hutter 2019, "Decoupled Weight 
 - decoupled (``AdamW``): w <- w - lr·λ·w, applied to the weights directly, outside the adaptive update.
 
 L1 by subgradient (λ·Σ|w| in the loss) makes weights oscillate around zero but almost never hit it exactly.
-The proximal gradient step (ISTA) does: after a plain gradient step of size lr, soft-threshold every weight,
+The proximal gradient step (ISTA, Beck & Teboulle 2009) does: after a plain gradient step of size lr,
+soft-threshold every weight,
 
     w <- sign(w) · max(|w| - lr·λ, 0),
 
 which is the exact minimizer of ½‖v - w‖² + lr·λ·‖v‖₁ and sets small weights exactly to zero.
+
+When the proximal mode is exactly that: only after a plain SGD step, i.e. ``optimizer=sgd`` with
+``optimizer.momentum=0`` (and so no Nesterov). Then each optimizer step followed by the soft-threshold is one
+ISTA iteration on the mini-batch loss (stochastic proximal gradient descent; full-batch ISTA when one batch is
+the whole training set), with lr the step size of that step (a schedule may change it between epochs). Otherwise:
+
+- SGD with momentum μ (reglab's ``sgd`` option defaults to μ = 0.9): the gradient step moves along the momentum
+  buffer b <- μ·b + g, so the update is w <- prox(w - lr·b): a proximal heavy-ball step, not ISTA (and not
+  FISTA either, whose momentum extrapolates the iterates, not the gradients);
+- Adam or AdamW (reglab's default optimizer is Adam): every weight moves by its own step size lr/(√v̂ + ε), so the
+  prox that matches the step would threshold each weight by lr·λ/(√v̂ + ε). Thresholding all of them by lr·λ is a
+  common heuristic: it still gives exact zeros, but its fixed points are not the minimizers of loss + λ·‖w‖₁.
 
 Biases and normalization parameters are usually not decayed (they do not cause overfitting through large
 norms, and decaying a norm layer's scale fights the normalization); ``decayed_parameters`` and

@@ -1,4 +1,4 @@
-"""Label smoothing (Szegedy et al. 2016) and temperature scaling (Guo et al. 2017).
+"""Label smoothing (Szegedy et al. 2016).
 
 Label smoothing trains against soft targets q instead of one-hot vectors, with the cross-entropy
 
@@ -13,9 +13,8 @@ for logits z over K classes. Two common choices of q for a sample of class y:
   loss = -(1-ε-a)·log p_y - a·Σ_k log p_k.
 
 Smoothing keeps the logits from growing without bound to reach a one-hot target, which regularizes and
-usually improves calibration. Temperature scaling fixes calibration after training instead: it fits a single
-T > 0 on validation logits by minimizing the NLL of softmax(z / T); T > 1 softens an overconfident model and
-leaves its argmax (and accuracy) unchanged.
+usually improves calibration. Temperature scaling fixes calibration after training instead
+(`reglab.diagnostics.fit_temperature`, the post-hoc reference every run reports).
 
 The built-in twin is ``torch.nn.CrossEntropyLoss(label_smoothing=ε)`` or
 ``F.cross_entropy(..., label_smoothing=ε)`` (uniform variant only).
@@ -80,24 +79,3 @@ def label_smoothing_cross_entropy(
     if reduction == "sum":
         return loss.sum()
     return loss
-
-
-def fit_temperature(logits: Tensor, targets: Tensor, max_iter: int = 100) -> float:
-    """Temperature scaling: the T > 0 that minimizes NLL(softmax(logits / T), targets) on validation data.
-
-    Optimizes log T (so T stays positive) with L-BFGS in float64, starting from T = 1; deterministic.
-    Divide test logits by the returned T before the softmax.
-    """
-    logits = logits.detach().double()
-    targets = targets.detach()
-    log_temperature = torch.zeros((), dtype=torch.float64, device=logits.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_temperature], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_temperature.exp(), targets)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return float(log_temperature.detach().exp())
