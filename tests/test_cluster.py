@@ -216,3 +216,55 @@ def test_an_unreachable_controller_gives_one_line_and_no_sweep(tmp_path, data_ro
 def test_the_cluster_keeps_accounting():
     """submitit needs sacct: without accounting a job that dies without its result leaves the sweep waiting."""
     assert subprocess.run(["sacct", "-n", "-X"], capture_output=True, timeout=20).returncode == 0
+
+
+def start_stacked_sweep(args: list[str], sweep: Path, cwd: Path, data_root: Path) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=stacked_slurm", *args]
+    command += [f"dataset.root={data_root}", f"hydra.sweep.dir={sweep}"]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_stacked_sweep_is_one_slurm_job_per_stack_with_the_records_of_a_local_one(tmp_path, data_root):
+    args = [*RUN, "trainer.epochs=3", "trainer.seed=0,1,2,3", "hydra.launcher.max_stack=2"]
+    args += ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
+    out = finish(start_stacked_sweep(args, tmp_path / "slurm", tmp_path, data_root), timeout=240)
+    assert "4 jobs in 2 SLURM job(s)" in out
+    assert len(slurm_job_ids(tmp_path / "slurm")) == 2
+    local = tmp_path / "local"
+    run_train(
+        [
+            "-m",
+            *args[:-2],
+            "hydra/launcher=stacked",
+            "hydra.launcher.max_stack=2",
+            f"hydra.sweep.dir={local}",
+        ],
+        tmp_path,
+        data_root,
+    )
+    for mine, theirs in zip(job_dirs(tmp_path / "slurm"), job_dirs(local), strict=True):
+        assert read_summary(mine)["stack"]["size"] == 2
+        assert without_time(read_metrics(mine)) == without_time(read_metrics(theirs))
+    assert (tmp_path / "slurm" / "report.md").exists()
+
+
+def test_a_preempted_stack_is_requeued_whole_and_every_member_ends_exactly(tmp_path, data_root):
+    sweep = tmp_path / "sweep"
+    args = [*RUN, "trainer.epochs=40", "trainer.seed=0,1"]
+    process = start_stacked_sweep(
+        ["hydra.launcher.timeout_min=20", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
+        + [*slow(0.2), *args],
+        sweep,
+        tmp_path,
+        data_root,
+    )
+    wait_for(lambda: epochs_logged(sweep / "0") >= 5, "epoch 5", process)
+    (job_id,) = slurm_job_ids(sweep)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # submitit's pre-emption notice
+    finish(process, timeout=240)
+    assert "this job is preempted" in job_log(sweep, job_id)
+    local = tmp_path / "local"
+    run_train(["-m", *args, "hydra/launcher=stacked", f"hydra.sweep.dir={local}"], tmp_path, data_root)
+    for mine, theirs in zip(job_dirs(sweep), job_dirs(local), strict=True):
+        assert read_summary(mine)["status"] == "completed"
+        assert without_time(read_metrics(mine)) == without_time(read_metrics(theirs))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import gc
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -79,12 +78,17 @@ def prepare_member(cfg: DictConfig):
 def train_members(members: dict, max_stack: int, sweep_dir: str) -> dict[int, float]:
     """Train prepared jobs (job number -> Member) in stacks; returns each job's objective."""
     from reglab.loop import train_stack
+    from reglab.preemption import after_stack_interrupt
     from reglab.stacking import group_into_stacks
 
     stacks, apart = group_into_stacks({idx: m.cfg for idx, m in members.items()}, max_stack)
     print(f"[reglab] stacked launcher: {len(members)} jobs in {len(stacks)} stack(s) of at most {max_stack}")
     for line in apart:
         print(f"[reglab] {line}")
+    for member in members.values():
+        resume_when_requeued(
+            member.cfg["trainer"], member.run_dir
+        )  # a requeued SLURM job continues by itself
     gc.collect()
     gc.freeze()
     objectives = {}
@@ -95,11 +99,9 @@ def train_members(members: dict, max_stack: int, sweep_dir: str) -> dict[int, fl
         try:
             results = train_stack([members[idx] for idx in jobs])
         except Interrupted as stop:
-            print(
-                f"[reglab] {stop}: checkpoints written; continue with the same overrides plus "
-                f"trainer.resume=true -m hydra.sweep.dir={sweep_dir}"
-            )
-            raise SystemExit(128 + signal.Signals[stop.signal_name].value) from None
+            unfinished = [members[idx] for idx in jobs if members[idx].summary is None]
+            objectives.update(after_stack_interrupt(stop, unfinished, f"-m hydra.sweep.dir={sweep_dir}"))
+            continue
         objectives.update(zip(jobs, results, strict=True))
         for idx in jobs:
             print_job_line(idx, members[idx])

@@ -94,6 +94,33 @@ def after_interrupt(stop: Interrupted, run_dir: Path, overrides: list[str], resu
     raise SystemExit(128 + signum)
 
 
+def after_stack_interrupt(stop: Interrupted, members: list, resume_hint: str) -> dict:
+    """`after_interrupt` for a stack: requeue the whole stack through submitit, each member resuming from its own
+    checkpoint; or record every unfinished member as interrupted (NaN objectives); or exit with 128 + signal."""
+    signum = signal.Signals[stop.signal_name]
+    handler = submitit_handler(signum)
+    if handler is None:
+        print(f"[reglab] {stop.signal_name}: checkpoints written; {how_to_continue(resume_hint)}")
+        raise SystemExit(128 + signum)
+    from submitit.core.utils import UncompletedJobError
+
+    for member in members:
+        (member.run_dir / REQUEUE_MARKER).write_text(f"{stop.signal_name}: requeued through submitit\n")
+    try:
+        handler(signum, None)  # on success: scontrol requeue, then sys.exit
+    except UncompletedJobError as refusal:
+        for member in members:
+            (member.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
+            record_interrupted(
+                member.run_dir,
+                Interrupted(stop.signal_name, member.epoch),
+                str(refusal),
+                member.job.overrides,
+            )
+        return {}
+    raise SystemExit(128 + signum)  # submitit left the requeue to another task of the job
+
+
 def how_to_continue(resume_hint: str) -> str:
     manual = f"continue with the same overrides plus trainer.resume=true {resume_hint}"
     if os.environ.get(

@@ -1,24 +1,68 @@
-"""`hydra/launcher=stacked`: reglab's launcher that trains a whole sweep as a few stacked models in one process.
+"""reglab's launchers that train a whole sweep as a few stacked models (README: "Stacked sweeps").
 
-Hydra expands the sweep as always; this launcher sets up every job as Hydra's basic launcher does (its directory,
-`.hydra/` files and callbacks, through `run_job`), but instead of training each job there it collects them, groups
-compatible ones (`reglab.stacking`) into stacks of at most `max_stack`, and trains each stack as one batched model
-(`reglab.loop.train_stack`). Every job still ends with its own files and W&B run, as if it had run alone. Hydra
-imports every module of `hydra_plugins` at start-up, so this one imports nothing heavy at module level.
+- `hydra/launcher=stacked`: in this process. Hydra expands the sweep as always; every job is set up as Hydra's
+  basic launcher does it (its directory, `.hydra/` files and callbacks, through `run_job`), but instead of training
+  each job there the launcher collects them, groups compatible ones (`reglab.stacking`) into stacks of at most
+  `max_stack`, and trains each stack as one batched model (`reglab.loop.train_stack`).
+- `hydra/launcher=stacked_slurm`: the same stacks, each one SLURM job submitted through submitit (hydra-submitit-
+  launcher's settings: partition, time limit, ...), so that a 1000-job sweep is a few dozen SLURM jobs. A stack
+  that hits its time limit or is pre-empted checkpoints every member and is requeued as a whole.
+
+Every job still ends with its own files and W&B run, as if it had run alone. Hydra imports every module of
+`hydra_plugins` at start-up, so this one imports nothing heavy at module level.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: Hydra loads plugin modules in a way that breaks dataclasses with it
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.core.config_store import ConfigStore
+from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, open_dict
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+
+
+def prepare_jobs(hydra_context: HydraContext, config: DictConfig, jobs: list[tuple[int, list[str]]]):
+    """Set every job up as Hydra's own launchers do (directory, `.hydra/` files, callbacks) without training it:
+    returns its `JobReturn` and, for a job whose config is valid, its stack `Member`, both by job number."""
+    from reglab.cli import prepare_member
+
+    returns, members = {}, {}
+    for idx, overrides in jobs:
+        log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+        ret = run_job(
+            hydra_context=hydra_context,
+            task_function=prepare_member,  # sets the job up (directory, validation); training comes later
+            config=sweep_config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+        returns[idx] = ret
+        if ret.status == JobStatus.COMPLETED and ret.return_value is not None:
+            members[idx] = ret.return_value
+    return returns, members
+
+
+def with_objectives(returns: dict[int, JobReturn], objectives: dict[int, float]) -> list[JobReturn]:
+    """The jobs' returns in job order, each carrying its objective (NaN for a job whose config was bad)."""
+    for idx, ret in returns.items():
+        if idx in objectives:
+            ret.return_value = objectives[idx]
+        elif ret.status == JobStatus.COMPLETED:
+            ret.return_value = float("nan")  # bad input: recorded as a failed job, like the other launchers
+    return [returns[idx] for idx in sorted(returns)]
 
 
 class StackedLauncher(Launcher):
@@ -32,34 +76,87 @@ class StackedLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from reglab.cli import prepare_member, train_members
+        from reglab.cli import train_members
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        returns, members = [], {}
-        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            with open_dict(sweep_config):
-                sweep_config.hydra.job.id = idx
-                sweep_config.hydra.job.num = idx
-            ret = run_job(
-                hydra_context=self.hydra_context,
-                task_function=prepare_member,  # sets the job up (directory, validation); training comes below
-                config=sweep_config,
-                job_dir_key="hydra.sweep.dir",
-                job_subdir_key="hydra.sweep.subdir",
-            )
-            returns.append(ret)
-            if ret.status == JobStatus.COMPLETED and ret.return_value is not None:
-                members[idx] = ret.return_value
+        jobs = [(initial_job_idx + i, list(overrides)) for i, overrides in enumerate(job_overrides)]
+        returns, members = prepare_jobs(self.hydra_context, self.config, jobs)
         objectives = train_members(members, self.max_stack, str(self.config.hydra.sweep.dir))
-        for idx, ret in enumerate(returns, start=initial_job_idx):
-            if idx in objectives:
-                ret.return_value = objectives[idx]
-            elif ret.status == JobStatus.COMPLETED:
-                ret.return_value = float(
-                    "nan"
-                )  # bad input: recorded as a failed job, like the other launchers
-        return returns
+        return with_objectives(returns, objectives)
+
+
+@dataclass
+class StackedSlurmConf(SlurmQueueConf):
+    _target_: str = "hydra_plugins.reglab_stacked_launcher.StackedSlurmLauncher"
+    max_stack: int = 64  # at most this many jobs in one stack, that is in one SLURM job
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="stacked_slurm_base", node=StackedSlurmConf, provider="reglab"
+)
+
+
+class StackedSlurmLauncher(SlurmLauncher):
+    """Hydra's submitit SLURM launcher, one SLURM job per stack instead of one per job."""
+
+    def __init__(self, max_stack: int = 64, **params) -> None:
+        super().__init__(**params)
+        self.max_stack = max_stack
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from reglab.stacking import group_into_stacks
+
+        jobs = {initial_job_idx + i: list(overrides) for i, overrides in enumerate(job_overrides)}
+        stacks, apart = group_into_stacks(
+            {idx: self.composed(overrides) for idx, overrides in jobs.items()}, self.max_stack
+        )
+        print(f"[reglab] stacked SLURM launcher: {len(jobs)} jobs in {len(stacks)} SLURM job(s)")
+        for line in apart:
+            print(f"[reglab] {line}")
+        stack_jobs = [[(idx, jobs[idx]) for idx in stack] for stack in stacks]
+        submitted = self.executor().map_array(self, stack_jobs, [Singleton.get_state()] * len(stacks))
+        returns = {}
+        for stack, job in zip(stacks, submitted, strict=True):
+            returns.update(zip(stack, job.results()[0], strict=True))
+        return [returns[idx] for idx in sorted(returns)]
+
+    def composed(self, overrides: list[str]) -> dict:
+        """A job's config without Hydra's node, for grouping only (an unresolvable one trains in a stack of its own
+        and fails there with its one-line error)."""
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(sweep_config):
+            del sweep_config["hydra"]
+        try:
+            return OmegaConf.to_container(sweep_config, resolve=True)
+        except Exception:
+            return {"unresolvable": overrides}
+
+    def executor(self):
+        """submitit's executor with this launcher's settings, mapped as hydra-submitit-launcher maps them."""
+        import submitit
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+        params = dict(self.params)
+        executor = submitit.AutoExecutor(
+            folder=params.pop("submitit_folder"),
+            cluster=self._EXECUTOR,
+            **{f"{self._EXECUTOR}_max_num_timeout": params.pop("max_num_timeout")},
+        )
+        generic = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(
+            **{key if key in generic else f"{self._EXECUTOR}_{key}": value for key, value in params.items()}
+        )
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        return executor
+
+    def __call__(self, stack_jobs: list[tuple[int, list[str]]], singleton_state) -> list[JobReturn]:
+        """One SLURM job: set its jobs up, then train them as one stack (resuming them when requeued)."""
+        from reglab.cli import train_members
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        returns, members = prepare_jobs(self.hydra_context, self.config, stack_jobs)
+        objectives = train_members(members, len(stack_jobs), str(self.config.hydra.sweep.dir))
+        return with_objectives(returns, objectives)
