@@ -6,13 +6,12 @@ from torch import nn
 
 from reglab.regularizers.l1_l2 import (
     coupled_weight_decay_,
-    decay_parameter_groups,
-    decayed_parameters,
     decoupled_weight_decay_,
     l1_penalty,
     l1_penalty_torch,
     l2_penalty,
     l2_penalty_torch,
+    member_decay_split,
     proximal_l1_,
     proximal_l1_torch_,
 )
@@ -70,42 +69,38 @@ def test_penalty_gradients_agree():
         torch.testing.assert_close(grads[0], grads[1])
 
 
+def decayed_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """The weights (ndim >= 2) of a plain module: not its biases, not its norm layers' scales."""
+    return [p for p in model.parameters() if p.ndim >= 2]
+
+
 def _names(model: nn.Module, params: list[torch.Tensor]) -> set[str]:
-    ids = {id(p) for p in params}
-    return {name for name, p in model.named_parameters() if id(p) in ids}
+    chosen = {id(p) for p in params}
+    return {name for name, p in model.named_parameters() if id(p) in chosen}
 
 
-def test_decay_groups_exclude_biases_and_norm_layers():
-    model = _model()
-    model[0].bias.requires_grad_(False)  # frozen parameters belong in no group
-    groups = decay_parameter_groups(model, LAMBDA)
-    assert [g["weight_decay"] for g in groups] == [LAMBDA, 0.0]
-    assert _names(model, groups[0]["params"]) == {"0.weight", "4.weight", "7.weight"}
-    assert _names(model, groups[1]["params"]) == {
-        "1.weight",
-        "1.bias",
-        "4.bias",
-        "5.weight",
-        "5.bias",
-        "7.bias",
-    }
-    assert _names(model, decayed_parameters(model)) == _names(model, groups[0]["params"])
-
-
-def test_decay_groups_without_exclusion_and_empty_groups():
-    model = _model()
-    groups = decay_parameter_groups(model, LAMBDA, exclude_bias_and_norm=False)
-    assert len(groups) == 1 and len(groups[0]["params"]) == len(list(model.parameters()))
-    norm_only = nn.LayerNorm(4)
-    assert decay_parameter_groups(norm_only, LAMBDA) == [
-        {"params": list(norm_only.parameters()), "weight_decay": 0.0}
+def decay_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    return [
+        {"params": decayed_parameters(model), "weight_decay": weight_decay},
+        {"params": rest, "weight_decay": 0.0},
     ]
 
 
-def test_shared_parameters_are_listed_once():
-    layer = nn.Linear(4, 4)
-    model = nn.Sequential(layer, nn.ReLU(), layer)
-    assert len(decayed_parameters(model)) == 1
+def test_a_members_decay_split_leaves_out_its_biases_unless_asked():
+    from reglab.models import Architecture, build_model
+    from reglab.regularizers.dropout import DropoutPlan
+
+    arch = Architecture((1, 6), 3, seeds=[0, 1], dropout=[DropoutPlan(), DropoutPlan()])
+    model = build_model({"name": "mlp", "hidden": [4], "activation": "relu"}, arch)
+    decayed, kept = member_decay_split(model, 1)
+    assert [tuple(p.shape) for p in decayed] == [(4, 6), (3, 4)] and [tuple(p.shape) for p in kept] == [
+        (4,),
+        (3,),
+    ]
+    assert torch.equal(decayed[0], model.dense1.weight[1])
+    everything, nothing = member_decay_split(model, 1, exclude_bias_and_norm=False)
+    assert len(everything) == 4 and nothing == []
 
 
 def _train(model, optimizer, steps, before_step=lambda: None, penalty=lambda: 0.0):
@@ -243,23 +238,34 @@ def test_proximal_l1_gives_exact_zeros_and_subgradient_does_not():
     assert subgradient[5:].abs().max() < 0.05  # small, but not zero: that is the point
 
 
+class _OneMemberLinear(nn.Module):
+    """A linear map without bias as a stack of one member (weight [K=1, 1, d]), as reglab's models hold it."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, 1, features))
+
+
 def _prox_sgd_trajectory(momentum: float, steps: int = 25, lr: float = 0.05) -> list[torch.Tensor]:
     """Weights after each step of reglab's proximal L1 (the L1 technique's after_step hook) on torch's SGD."""
+    from reglab.models import member_parameters
     from reglab.regularizers import L1
 
     x, y = _sparse_regression()
-    model = nn.Linear(x.shape[1], 1, bias=False)
-    nn.init.zeros_(model.weight)
-    l1 = L1(LAMBDA, mode="proximal", impl="scratch")
+    model = _OneMemberLinear(x.shape[1])
+    ((_, weight),) = member_parameters(
+        model, 0
+    )  # the member's leaf view [1, d], as the loop's optimizer sees it
+    l1 = L1([{"strength": LAMBDA, "mode": "proximal", "impl": "scratch", "exclude_bias_and_norm": True}])
     l1.setup(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    optimizer = torch.optim.SGD([weight], lr=lr, momentum=momentum)
     trajectory = []
     for _ in range(steps):
         optimizer.zero_grad()
-        (((model(x).squeeze(1) - y) ** 2).mean() / 2).backward()
+        (((x @ weight.T).squeeze(1) - y) ** 2).mean().div(2).backward()
         optimizer.step()
-        l1.after_step(optimizer)
-        trajectory.append(model.weight.detach().squeeze(0).clone())
+        l1.after_step([lr])
+        trajectory.append(model.weight.detach()[0, 0].clone())
     return trajectory
 
 
@@ -286,3 +292,26 @@ def test_proximal_l1_after_momentum_sgd_is_a_proximal_heavy_ball_step_not_ista()
     for step, heavy_ball in zip(ours, _by_hand(momentum=0.9), strict=True):
         torch.testing.assert_close(step, heavy_ball, rtol=1e-4, atol=1e-5)
     assert (ours[-1] - ista[-1]).abs().max() > 0.1  # the iterates are not ISTA's
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_builtin_weight_decay_follows_exclude_bias_and_norm(tmp_path, data_root, exclude):
+    from reglab.loop import Job, Member, Stack, prepare
+    from reglab.models import member_parameters
+    from tests.test_loop import config
+
+    flag = str(exclude).lower()
+    cfg = config(
+        data_root,
+        "regularizer=l2",
+        "regularizer.l2.impl=torch",
+        f"regularizer.l2.exclude_bias_and_norm={flag}",
+    )
+    member = Member(cfg=cfg, run_dir=tmp_path, job=Job())
+    model, _, optimizer, _ = prepare(Stack(members=[member], trainer=cfg["trainer"]))
+    decayed = {
+        id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]
+    }
+    params = [p for _, p in member_parameters(model, 0)]
+    assert all(id(p) in decayed for p in params if p.ndim >= 2)
+    assert all((id(p) in decayed) != exclude for p in params if p.ndim < 2)

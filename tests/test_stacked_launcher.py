@@ -184,3 +184,55 @@ def test_builtin_dropout_in_a_stack_trains_like_one_by_one_in_distribution(tmp_p
         mine, theirs = [run[key] for run in stacked], [run[key] for run in alone]
         standard_error = math.sqrt((statistics.variance(mine) + statistics.variance(theirs)) / len(seeds))
         assert abs(statistics.mean(mine) - statistics.mean(theirs)) <= 2 * standard_error, (key, mine, theirs)
+
+
+def test_a_checkpoint_that_cannot_be_resumed_fails_its_member_alone(tmp_path, data_root):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    members = []
+    for k, resume in enumerate([str(junk), False]):
+        cfg = config(data_root, "trainer.epochs=2", "dataset.n_train=300", f"trainer.seed={k}")
+        cfg["trainer"]["resume"] = resume
+        (tmp_path / str(k)).mkdir()
+        members.append(Member(cfg=cfg, run_dir=tmp_path / str(k), job=Job(multirun=True)))
+    objectives = train_stack(members)
+    broken, fine = read_summary(tmp_path / "0"), read_summary(tmp_path / "1")
+    assert broken["status"] == "failed" and "not a readable checkpoint" in broken["error"]
+    assert fine["status"] == "completed" and fine["epochs_run"] == 2
+    assert math.isnan(objectives[0]) and not math.isnan(objectives[1])
+
+
+def test_a_stack_with_bad_input_fails_alone_and_the_other_stacks_train(tmp_path, data_root):
+    sweep = tmp_path / "sweep"
+    result = run_train(
+        ["-m", *QUICK, *TINY, "dataset=mnist1d,mnist", "hydra/launcher=stacked", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+        data_root,
+    )
+    assert "2 jobs in 2 stack(s)" in result.stdout
+    statuses = {}
+    for job in job_dirs(sweep):
+        summary = read_summary(job)
+        statuses[next(o for o in summary["overrides"] if o.startswith("dataset="))] = summary
+    assert statuses["dataset=mnist1d"]["status"] == "completed"
+    assert statuses["dataset=mnist"]["status"] == "failed" and "dataset" in statuses["dataset=mnist"]["error"]
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many", "2.5"])
+def test_a_bad_max_stack_stops_the_sweep_with_one_line(tmp_path, data_root, value):
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        *QUICK,
+        *TINY,
+        "trainer.seed=0,1",
+        "hydra/launcher=stacked",
+        f"hydra.launcher.max_stack={value}",
+    ]
+    result = run_train([*args, f"hydra.sweep.dir={sweep}"], tmp_path, data_root, check=False)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert (
+        f"hydra.launcher.max_stack={value!r}" in result.stderr or "hydra.launcher.max_stack=" in result.stderr
+    )
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not any(sweep.glob("*/summary.json"))

@@ -50,7 +50,6 @@ def save(member, k: int, model, optimizer, regs) -> Path:
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "rng_python": json.dumps(random.getstate()),
         "rng_numpy": json.dumps(_numpy_state()),
-        "history_epochs": len(member.history),
         "train_time_s": member.train_time_s,
         "wandb_id": member.wandb_id,
     }

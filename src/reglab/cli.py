@@ -98,6 +98,15 @@ def train_members(members: dict, max_stack: int, sweep_dir: str) -> dict[int, fl
         print(f"[reglab] stack {number}: {len(jobs)} jobs ({', '.join(map(str, jobs))}) training")
         try:
             results = train_stack([members[idx] for idx in jobs])
+        except (
+            BAD_INPUT
+        ) as err:  # e.g. a data set that cannot be read: this stack's jobs fail, the others go on
+            print(f"reglab: error: {err}", file=sys.stderr)
+            for idx in jobs:
+                if members[idx].summary is None:
+                    record_bad_input(members[idx].run_dir, err, members[idx].job.overrides)
+            objectives.update(dict.fromkeys(jobs, float("nan")))
+            continue
         except Interrupted as stop:
             unfinished = [members[idx] for idx in jobs if members[idx].summary is None]
             objectives.update(after_stack_interrupt(stop, unfinished, f"-m hydra.sweep.dir={sweep_dir}"))

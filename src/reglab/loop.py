@@ -2,12 +2,13 @@
 
 One loop trains a *stack*: K members of one architecture side by side, each member one job of a sweep with its own
 directory, seed, learning rate and regularization (models.py explains the stacked layers). An ordinary run is the
-stack of one, `train(cfg, run_dir, job)`; the stacked launcher (hydra_plugins/reglab_stacked) calls `train_stack`
-with many. Every record is written as if each member had trained alone, and on the CPU a member's metrics and
-weights equal its one-by-one run bit for bit (tests/test_stack.py), because nothing a member computes depends on
-the others: its own parameter tensors and optimizer state, its own generators for initialization, batch order and
-dropout masks, its own loss (the stack minimizes the *sum* of the members' losses, whose gradient for member k is
-member k's own). A member that diverges or stops early is finished on the spot and drops out of the updates.
+stack of one, `train(cfg, run_dir, job)`; the stacked launchers (hydra_plugins/reglab_stacked_launcher) call
+`train_stack` with many, through `reglab.cli.train_members`. Every record is written as if each member had trained
+alone, and on the CPU a member's metrics and weights equal its one-by-one run bit for bit (tests/test_stack.py),
+because nothing a member computes depends on the others: its own parameter tensors and optimizer state, its own
+generators for initialization, batch order and dropout masks, its own loss (the stack minimizes the *sum* of the
+members' losses, whose gradient for member k is member k's own). A member that diverges or stops early is finished
+on the spot and drops out of the updates.
 
 The loop knows Hydra only through the plain `cfg` dicts and the `Job` facts, and regularization only through the
 hooks of `reglab.regularizers`. Speed (small models are overhead-bound, so the loop's own overhead is the cost):
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 
 from reglab import checkpoint, diagnostics
 from reglab.data import DataSplits, load_stack_data, shift_and_flip
-from reglab.errors import BAD_INPUT, FINISHED
+from reglab.errors import BAD_INPUT, FINISHED, CheckpointError
 from reglab.models import (
     Architecture,
     MemberView,
@@ -45,7 +46,6 @@ from reglab.models import (
 from reglab.preemption import Interrupted, stop_on_signals
 from reglab.regularizers import Regularization, build_regularization
 from reglab.regularizers.early_stopping import EarlyStopping
-from reglab.regularizers.l1_l2 import member_decay_split
 from reglab.tracking import RunRecord, resolve_wandb_mode, start_wandb, write_summary
 
 FIT_ACCURACY = 0.99  # `fit_epoch`: the first epoch with this training accuracy (how fast a model memorizes)
@@ -58,7 +58,8 @@ class Job:
     overrides: list[str] = field(default_factory=list)
     group: str | None = None  # the sweep's name; W&B groups a sweep's runs by it
     multirun: bool = False
-    parallel: bool = False  # started by a parallel launcher (joblib, submitit) or in a stack: stay quiet
+    # started by a parallel launcher (joblib, submitit): stay quiet (so does a stack of K > 1)
+    parallel: bool = False
     stack: dict | None = None  # {"id": ..., "jobs": [...]} when trained in a stack with other jobs
 
 
@@ -119,6 +120,8 @@ def train(cfg: dict, run_dir: Path, job: Job) -> float:
 def train_stack(members: list[Member]) -> list[float]:
     """Train the members side by side; returns each one's validation objective (NaN for a failed member)."""
     todo = [m for m in members if not already_finished(m)]
+    for m in todo:  # the jobs trained together (on a resume, those that had not finished)
+        m.job.stack = {**(m.job.stack or {}), "size": len(todo)}
     if todo:
         stack = Stack(members=todo, trainer=todo[0].cfg["trainer"])
         try:
@@ -157,21 +160,38 @@ def prepare(stack: Stack):
     for m in stack.members:
         m.batch_generator.manual_seed(m.seed)  # the batch order; a resume restores its state
         m.noise_generator = torch.Generator(stack.device).manual_seed(m.seed)
-        m.best = EarlyStopping(monitor="val/loss", patience=stack.trainer["epochs"] + 1, check_finite=False)
+        m.best = EarlyStopping.tracker(
+            "val/loss"
+        )  # best.pt and best_epoch when no technique selects the epoch
     arch = Architecture(
         data.input_shape, data.num_classes, [m.seed for m in stack.members], regs.dropout_plans()
     )
     model = build_model(cfg["model"], arch, [m.noise_generator for m in stack.members]).to(stack.device)
     regs.setup(model)
-    saved = [checkpoint.load_for_resume(m) for m in stack.members]  # before the optimizer: it groups by epoch
+    # checkpoints load before the optimizer is built: it groups members by epoch
+    saved = [alone_or_failed(stack, m, checkpoint.load_for_resume, m) for m in stack.members]
     optimizer = build_optimizer(stack, model, regs)
     for k, (m, payload) in enumerate(zip(stack.members, saved, strict=True)):
         m.ran = {"optimizer": describe_optimizer(optimizer, model, k), "regularization": regs.describe(k)}
         if payload is not None:
-            checkpoint.restore(payload, k, m, model, optimizer, regs)
+            alone_or_failed(stack, m, checkpoint.restore, payload, k, m, model, optimizer, regs)
     if len(stack.members) == 1 and not stack.members[0].job.parallel:
         print(f"[reglab] training {describe_run(stack.members[0])}")
     return model, data, optimizer, regs
+
+
+def alone_or_failed(stack: Stack, member: Member, step, *args):
+    """`step(*args)`; a checkpoint that cannot be resumed is bad input for a lone run (one line, exit 2), and in a
+    stack fails its own member only, which then drops out of the updates."""
+    try:
+        return step(*args)
+    except CheckpointError as err:
+        if len(stack.members) == 1:
+            raise
+        member.status = "failed"
+        record_failure(member, err)
+        print(f"[reglab] {member.run_dir}: {err} (recorded as failed; the rest of the stack goes on)")
+        return None
 
 
 def describe_run(member: Member) -> str:
@@ -187,7 +207,7 @@ def start_records(stack: Stack, regs: Regularization) -> None:
     """Each member's metrics file and W&B run. When W&B cannot start online (a bounded wait, then offline), the
     members after it go offline at once, so that a stack of K never waits K times."""
     offline = False
-    for k, m in enumerate(stack.members):
+    for k, m in stack.running():
         run = start_wandb_for(m, regs.names(k), offline)
         asked_online = (
             resolve_wandb_mode(m.cfg["logger"].get("wandb", {}).get("mode", "disabled")) == "online"
@@ -246,17 +266,16 @@ def build_optimizer(stack: Stack, model: nn.Module, regs: Regularization) -> tor
 
     Members whose settings (lr, betas, weight decay, ..., and epoch) agree share a group, so that a fused optimizer
     updates them in one call; every tensor is still updated on its own, exactly as in a lone run. A group's
-    `initial_lr` and `epoch` let the learning-rate schedule run per group. Built-in weight decay (coupled, or
-    decoupled as in AdamW) comes from the L2 technique (`optimizer_settings`)."""
+    `initial_lr` and `epoch` let the learning-rate schedule run per group. Techniques may claim some of a member's
+    parameters with settings of their own (`optimizer_groups`: L2 through the optimizer's weight decay)."""
     groups: dict[tuple, dict] = {}
     for k, m in enumerate(stack.members):
-        decay = regs.optimizer_settings(k)
-        exclude = decay.pop("exclude_bias_and_norm", True)
-        decayed, not_decayed = (
-            member_decay_split(model, k, exclude) if decay else ([], list(member_params(model, k)))
-        )
-        for params, extra in ((decayed, decay), (not_decayed, {})):
-            settings = {**optimizer_hyperparameters(m.cfg["optimizer"]), **extra, "epoch": m.epoch}
+        plain = optimizer_hyperparameters(m.cfg["optimizer"])
+        claimed = regs.optimizer_groups(k)
+        taken = {id(p) for params, _ in claimed for p in params}
+        rest = [p for _, p in member_parameters(model, k) if id(p) not in taken]
+        for params, extra in [*claimed, (rest, {})]:
+            settings = {**plain, **extra, "epoch": m.epoch}
             group = groups.setdefault(
                 tuple(sorted(settings.items())), {**settings, "params": [], "members": []}
             )
@@ -288,10 +307,6 @@ def describe_optimizer(optimizer, model: nn.Module, member: int) -> dict:
         "weight_decay": decayed["weight_decay"],  # the optimizer's built-in decay of the decayed weights
         "fused": bool(optimizer.defaults.get("fused")),
     }
-
-
-def member_params(model: nn.Module, member: int):
-    return member_decay_split(model, member, exclude_bias_and_norm=False)[0]
 
 
 def optimizer_hyperparameters(opt: dict) -> dict:
@@ -347,6 +362,8 @@ def fit(model, data: DataSplits, optimizer, regs: Regularization, stack: Stack):
         ):
             checkpoint.save_stack(stack, model, optimizer, regs)
     progress.close()
+    if stack.stop_requested:  # it came while the last members finished: stop before anything else starts
+        raise Interrupted(stack.stop_requested, max(m.epoch for m in stack.members))
 
 
 def end_of_training(k: int, m: Member, row: dict, model, regs: Regularization, epochs: int) -> bool:
@@ -537,19 +554,16 @@ def finish_members(ending: list[int], model, data: DataSplits, regs: Regularizat
     A failure while finishing one member (a plot that cannot be written, say) fails that member alone."""
     if not ending:
         return
-    batch = stack.trainer["eval_batch_size"]
-    last_weights = {k: MemberView(model, k).state_dict() for k in ending}  # before any restore
-    last_test = {}
-    with_selection = [k for k in ending if regs.selection(k) is not None]
-    if with_selection:
-        # the models as training left them, to compare with the ones early stopping restores
-        logits = predict_all(model, data.x_test, batch, len(stack.members))
-        last_test = {k: as_floats(scores(logits[k], data.y_test)) for k in with_selection}
-    for k in with_selection:
-        regs.selection(k).restore(MemberView(model, k))  # restores its best weights, whatever ended training
-    logits = {
-        split: predict_all(model, x, batch, len(stack.members)) for split, (x, _) in data.splits().items()
-    }
+    try:
+        logits, last_weights, last_test = final_predictions(ending, model, data, regs, stack)
+    except (
+        Exception
+    ) as err:  # e.g. out of memory in the shared evaluation: each ending member is failed, not lost
+        for k in ending:
+            stack.members[k].status = "failed"
+            record_failure(stack.members[k], err)
+            regs.retire(k)
+        return
     for k in ending:
         member = stack.members[k]
         try:
@@ -561,6 +575,25 @@ def finish_members(ending: list[int], model, data: DataSplits, regs: Regularizat
             regs.retire(k)
 
 
+def final_predictions(ending: list[int], model, data: DataSplits, regs: Regularization, stack: Stack):
+    """Every split's logits after the ending members' best weights are restored, with their last weights (and,
+    where a technique restores others, the last model's test metrics) kept from before the restore."""
+    batch = stack.trainer["eval_batch_size"]
+    last_weights = {k: MemberView(model, k).state_dict() for k in ending}
+    last_test = {}
+    with_selection = [k for k in ending if regs.selection(k) is not None]
+    if with_selection:
+        # the models as training left them, to compare with the ones early stopping restores
+        logits = predict_all(model, data.x_test, batch, len(stack.members))
+        last_test = {k: as_floats(scores(logits[k], data.y_test)) for k in with_selection}
+    for k in with_selection:
+        regs.selection(k).restore(MemberView(model, k))  # restores its best weights, whatever ended training
+    logits = {
+        split: predict_all(model, x, batch, len(stack.members)) for split, (x, _) in data.splits().items()
+    }
+    return logits, last_weights, last_test
+
+
 def finish(
     k: int, member: Member, model, data: DataSplits, regs, logits: dict, last_weights, last_test, stack
 ):
@@ -570,7 +603,6 @@ def finish(
     weights = member_weights(model, k)
     selection = regs.selection(k) or member.best  # best_epoch and best.pt, by the same monitor
     summary = build_summary(member, regs.names(k), final, diagnostics.weight_statistics(weights), selection)
-    summary["stack"]["size"] = len(stack.members)
     summary["device"] = str(stack.device)
     summary.update({f"test/last_{name}": v for name, v in last_test.items()})
     summary.update(temperature_scaling(logits["val"][k], data.y_val, logits["test"][k], data.y_test))
@@ -655,7 +687,7 @@ def job_facts(member: Member, techniques: list[str]) -> dict:
         "regularizers": techniques,
         "seed": cfg["trainer"]["seed"],
         **member.ran,
-        "stack": {**(member.job.stack or {}), "size": 1},  # how many jobs trained together
+        "stack": member.job.stack or {"size": 1},  # the stack it trained in, and how many jobs trained in it
         "run_dir": str(member.run_dir),
     }
 

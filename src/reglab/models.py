@@ -81,6 +81,10 @@ class StackedConv(nn.Module):
             .reshape(members, batch, -1, *out_size)
         )
 
+    def output_size(self, size: list[int]) -> list[int]:
+        """Spatial size after this convolution: (s + 2·padding − kernel) // stride + 1 per dimension."""
+        return [(s + 2 * (self.kernel // 2) - self.kernel) // self.stride + 1 for s in size]
+
     def _patches(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         pad = self.kernel // 2
         if self.spatial_dims == 1:
@@ -88,7 +92,7 @@ class StackedConv(nn.Module):
             windows = padded.unfold(2, self.kernel, self.stride)  # [N, C, L_out, k]
             return windows.permute(0, 1, 3, 2).flatten(1, 2), (windows.shape[2],)
         patches = F.unfold(x, self.kernel, padding=pad, stride=self.stride)
-        return patches, (x.shape[2], x.shape[3])
+        return patches, tuple(self.output_size(list(x.shape[2:])))
 
 
 class PerSample(nn.Module):
@@ -186,11 +190,9 @@ def conv_body(cfg, arch: Architecture, layers: Layers) -> tuple[list[nn.Module],
     size = list(arch.input_shape[1:])
     in_channels = arch.input_shape[0]
     for out_channels, kernel in zip(channels, sizes, strict=True):
-        body += [
-            StackedConv(in_channels, out_channels, kernel, spatial_dims, layers.generators),
-            layers.activation(),
-        ]
-        size = [(s + 2 * (kernel // 2) - kernel) // 2 + 1 for s in size] if spatial_dims == 1 else size
+        conv = StackedConv(in_channels, out_channels, kernel, spatial_dims, layers.generators)
+        body += [conv, layers.activation()]
+        size = conv.output_size(size)
         if spatial_dims == 2:
             body.append(PerSample(nn.MaxPool2d(2)))
             size = [s // 2 for s in size]
@@ -209,17 +211,22 @@ def conv_body(cfg, arch: Architecture, layers: Layers) -> tuple[list[nn.Module],
 # One member's view of the stack
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model itself when `model` is its `torch.compile` wrapper (same parameters, other names)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def member_state(model: nn.Module, member: int) -> dict[str, Tensor]:
     """Member `member`'s weights under the model's names ('dense1.weight'), as if it had been trained alone
     (best.pt, last.pt)."""
-    return {name: tensor[member].detach().clone() for name, tensor in model.state_dict().items()}
+    return {name: tensor[member].detach().clone() for name, tensor in unwrapped(model).state_dict().items()}
 
 
 def load_member_state(model: nn.Module, member: int, state: dict[str, Tensor]) -> None:
     """Load one member's weights (from `member_state`) into its slice of the stack."""
     with torch.no_grad():
         for name, tensor in state.items():
-            model.get_parameter(name)[member].copy_(tensor)
+            unwrapped(model).get_parameter(name)[member].copy_(tensor)
 
 
 class MemberView:
@@ -246,6 +253,7 @@ def member_parameters(model: nn.Module, member: int) -> list[tuple[str, Tensor]]
 
 def _slices(model: nn.Module) -> list[tuple[str, nn.Parameter, list[Tensor]]]:
     """(name, stacked parameter, its per-member leaf views), made on first use and kept on the model."""
+    model = unwrapped(model)
     if "_member_slices" not in model.__dict__:
         model.__dict__["_member_slices"] = [
             (name, param, [param.detach()[k].requires_grad_() for k in range(param.shape[0])])

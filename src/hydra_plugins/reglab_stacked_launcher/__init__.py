@@ -14,6 +14,7 @@ Every job still ends with its own files and W&B run, as if it had run alone. Hyd
 
 # no `from __future__ import annotations`: Hydra loads plugin modules in a way that breaks dataclasses with it
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +66,22 @@ def with_objectives(returns: dict[int, JobReturn], objectives: dict[int, float])
     return [returns[idx] for idx in sorted(returns)]
 
 
+def checked_max_stack(value) -> int:
+    """`hydra.launcher.max_stack` as a positive int; anything else stops the sweep before any job starts."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        print(
+            f"reglab: error: hydra.launcher.max_stack={value!r}: must be an integer >= 1 "
+            "(the most jobs trained in one stack)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return value
+
+
 class StackedLauncher(Launcher):
     def __init__(self, max_stack: int = 64) -> None:
         super().__init__()
-        self.max_stack = max_stack
+        self.max_stack = checked_max_stack(max_stack)
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
 
@@ -103,7 +116,7 @@ class StackedSlurmLauncher(SlurmLauncher):
 
     def __init__(self, max_stack: int = 64, **params) -> None:
         super().__init__(**params)
-        self.max_stack = max_stack
+        self.max_stack = checked_max_stack(max_stack)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from reglab.stacking import group_into_stacks

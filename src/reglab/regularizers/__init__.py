@@ -9,7 +9,7 @@ its arithmetic untouched). Each technique uses one or more of the loop's few hoo
     model        dropout_plan(k)       where member k's dropout layers go                 (dropout)
     loss         data_loss(...)        the per-member data loss                           (label smoothing)
                  penalty()             per-member penalty added to it                     (L1, L2)
-    optimizer    optimizer_settings(k) member k's built-in weight decay                   (L2, impl=torch)
+    optimizer    optimizer_groups(k)   member k's parameters with settings of their own   (L2 impl=torch: weight_decay)
     step         before_step(lrs)      between backward and optimizer.step                (L2 coupled/decoupled scratch)
                  after_step(lrs)       after optimizer.step                               (proximal L1, max-norm)
     epoch end    end_epoch(k, ...)     may stop member k                                  (early stopping)
@@ -72,9 +72,10 @@ class Technique:
         """Per-member penalty [K] added to the data loss, or None."""
         return None
 
-    def optimizer_settings(self, member: int) -> dict:
-        """Settings of member k's optimizer parameter group for its decayed weights (e.g. weight_decay)."""
-        return {}
+    def optimizer_groups(self, member: int) -> list[tuple[list[Tensor], dict]]:
+        """(parameters, settings) of member k that the optimizer should treat apart, e.g. its decayed weights with
+        the optimizer's own weight_decay; every other parameter gets the optimizer's plain settings."""
+        return []
 
     def before_step(self, lrs: list[float]) -> None: ...
 
@@ -169,14 +170,17 @@ class L2(WeightNormTechnique):
         # λ/2·Σw²: its gradient λ·w matches SGD(weight_decay=λ)
         return self.penalties("penalty", l1_l2.l2_penalty, l1_l2.l2_penalty_torch, scale=0.5)
 
-    def optimizer_settings(self, member):
+    def optimizer_groups(self, member):
+        # impl=torch decays through the optimizer's own weight_decay, on the same weights the scratch modes decay
+        # (biases and norm layers left out when exclude_bias_and_norm): they get a parameter group of their own
         setting = self.settings[member]
         if setting is None or setting["impl"] != "torch" or setting["mode"] == "penalty":
-            return {}
-        return {
+            return []
+        decay = {
             "weight_decay": setting["weight_decay"],
             "decoupled_weight_decay": setting["mode"] == "decoupled",
         }
+        return [(self.params[member], decay)]
 
     def describe(self, member):
         s = self.settings[member]
@@ -187,14 +191,13 @@ class L2(WeightNormTechnique):
             "coupled": f"coupled weight decay λ={s['weight_decay']:g}: grad += λ·w",
             "decoupled": f"decoupled weight decay λ={s['weight_decay']:g}: w -= lr·λ·w",
         }[s["mode"]]
-        by = "the optimizer's own weight_decay" if self.optimizer_settings(member) else s["impl"]
+        by = "the optimizer's own weight_decay" if self.optimizer_groups(member) else s["impl"]
         return f"l2 {how} ({by}; biases {'excluded' if s['exclude_bias_and_norm'] else 'included'})"
 
     def before_step(self, lrs):
         for k in self.in_mode("coupled", "scratch"):
-            l1_l2.coupled_weight_decay_(
-                self.params[k], self.strength(k)
-            )  # grad += λ·w, as SGD/Adam do inside
+            # grad += λ·w, as SGD/Adam do inside
+            l1_l2.coupled_weight_decay_(self.params[k], self.strength(k))
         for k in self.in_mode("decoupled", "scratch"):
             l1_l2.decoupled_weight_decay_(self.params[k], lrs[k], self.strength(k))
 
@@ -340,11 +343,8 @@ class Regularization:
         for t in self.techniques:
             t.setup(model)
 
-    def optimizer_settings(self, member: int) -> dict:
-        settings: dict = {}
-        for t in self.techniques:
-            settings.update(t.optimizer_settings(member))
-        return settings
+    def optimizer_groups(self, member: int) -> list[tuple[list[Tensor], dict]]:
+        return [group for t in self.techniques for group in t.optimizer_groups(member)]
 
     def data_loss(self, logits: Tensor, y: Tensor) -> Tensor:
         """Each member's mean cross-entropy over its batch [K], then whatever the techniques make of it."""

@@ -48,6 +48,7 @@ tensors, so it can be saved in a checkpoint that ``torch.load(..., weights_only=
 from __future__ import annotations
 
 import math
+import sys
 
 from torch import Tensor, nn
 
@@ -111,6 +112,12 @@ class EarlyStopping:
         self.stopped_epoch: int | None = None
         self.stop_reason: str | None = None
         self.best_state: dict[str, Tensor] | None = None
+
+    @classmethod
+    def tracker(cls, monitor: str = "val/loss") -> EarlyStopping:
+        """One that never stops training: it only keeps the best epoch and its weights (reglab's best.pt when
+        early stopping is off)."""
+        return cls(monitor=monitor, patience=sys.maxsize, check_finite=False)
 
     def _better(self, value: float, reference: float) -> bool:
         return value < reference if self.mode == "min" else value > reference

@@ -35,8 +35,8 @@ the whole training set), with lr the step size of that step (a schedule may chan
   common heuristic: it still gives exact zeros, but its fixed points are not the minimizers of loss + λ·‖w‖₁.
 
 Biases and normalization parameters are usually not decayed (they do not cause overfitting through large
-norms, and decaying a norm layer's scale fights the normalization); ``decayed_parameters`` and
-``decay_parameter_groups`` make that split once, for penalties and optimizer groups alike.
+norms, and decaying a norm layer's scale fights the normalization); ``member_decay_split`` makes that split once
+per member of a stack (models.py), for penalties, decay and the optimizer's parameter groups alike.
 """
 
 from __future__ import annotations
@@ -46,15 +46,6 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-# Layers whose parameters rescale normalized activations; nn.RMSNorm exists only in recent PyTorch versions.
-NORM_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,  # BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm1d/2d/3d
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
 
 
 def _per_member(terms: list[Tensor]) -> Tensor:
@@ -83,47 +74,6 @@ def l1_penalty_torch(stacked: Iterable[Tensor]) -> Tensor:
 def l2_penalty_torch(stacked: Iterable[Tensor]) -> Tensor:
     """Built-in twin of ``l2_penalty``: Σ ‖w‖₂² per member via ``torch.linalg.vector_norm``, no 1/2."""
     return _per_member([torch.linalg.vector_norm(p.flatten(1), ord=2, dim=1) ** 2 for p in stacked])
-
-
-def _split_parameters(model: nn.Module, exclude_bias_and_norm: bool) -> tuple[list[Tensor], list[Tensor]]:
-    """(decayed, not decayed) trainable parameters, each listed once even when shared between modules."""
-    decayed: list[Tensor] = []
-    not_decayed: list[Tensor] = []
-    seen: set[int] = set()
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            # ndim < 2 catches biases and any other vector/scalar (e.g. a learned temperature).
-            excluded = exclude_bias_and_norm and (param.ndim < 2 or isinstance(module, NORM_LAYERS))
-            (not_decayed if excluded else decayed).append(param)
-    return decayed, not_decayed
-
-
-def decayed_parameters(model: nn.Module, exclude_bias_and_norm: bool = True) -> list[Tensor]:
-    """The trainable parameters that weight decay and penalties apply to.
-
-    With ``exclude_bias_and_norm`` this leaves out tensors with ndim < 2 (biases) and all parameters of
-    normalization layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm).
-    """
-    return _split_parameters(model, exclude_bias_and_norm)[0]
-
-
-def decay_parameter_groups(
-    model: nn.Module, weight_decay: float, exclude_bias_and_norm: bool = True
-) -> list[dict]:
-    """Optimizer parameter groups: ``weight_decay`` for ``decayed_parameters(model)``, 0.0 for the rest.
-
-    Empty groups are omitted. Pass the result to any ``torch.optim`` optimizer in place of
-    ``model.parameters()``.
-    """
-    decayed, not_decayed = _split_parameters(model, exclude_bias_and_norm)
-    groups = [
-        {"params": decayed, "weight_decay": weight_decay},
-        {"params": not_decayed, "weight_decay": 0.0},
-    ]
-    return [group for group in groups if group["params"]]
 
 
 def member_decay_split(model: nn.Module, member: int, exclude_bias_and_norm: bool = True):
