@@ -315,11 +315,3 @@ def test_every_combination_of_options_works_or_is_refused(early_stopping_config)
             except Exception as error:
                 raise AssertionError(f"{name} {options}: {type(error).__name__}: {error}") from error
     assert 0 < refused < len(list(option_combinations()))  # contradictory thresholds only
-
-
-@pytest.mark.parametrize("monitor", ["val/loss", "val/acc", "val/nll", "train/acc", "gap/val_loss"])
-@pytest.mark.parametrize("mode", ["auto", "min", "max"])
-def test_validation_resolves_the_direction_as_early_stopping_does(monitor, mode):
-    from reglab.schema import monitor_direction
-
-    assert monitor_direction(monitor, mode) == resolve_mode(monitor, mode)

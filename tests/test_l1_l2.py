@@ -249,7 +249,7 @@ class _OneMemberLinear(nn.Module):
 def _prox_sgd_trajectory(momentum: float, steps: int = 25, lr: float = 0.05) -> list[torch.Tensor]:
     """Weights after each step of reglab's proximal L1 (the L1 technique's after_step hook) on torch's SGD."""
     from reglab.models import member_parameters
-    from reglab.regularizers import L1
+    from reglab.regularizers.l1_l2 import L1
 
     x, y = _sparse_regression()
     model = _OneMemberLinear(x.shape[1])

@@ -30,14 +30,14 @@ atexit.register(gc.freeze)
 
 
 def main(cfg: DictConfig) -> float:
-    """Validate the config (before torch is even imported), then train."""
+    """Validate the config (before any file is written beyond Hydra's own), then train."""
     hydra = HydraConfig.get()
     run_dir = Path(hydra.runtime.output_dir)
     multirun = hydra.mode == RunMode.MULTIRUN
     try:
         plain = resolved(cfg)
         validate(plain)
-        from reglab.loop import train  # torch and the rest load only for a config that can run
+        from reglab.loop import train  # the loop, models and data load only for a config that can run
 
         # torch's import leaves ~10^5 long-lived objects that every full garbage collection would walk again,
         # during training and once more at exit (~0.7 s measured): move them out of the collector's sight.

@@ -44,17 +44,6 @@ OK_STATUSES = FINISHED  # the jobs whose numbers enter the means
 SELECTION_METRIC = "val/loss"  # a sweep's winner: lowest mean validation cross-entropy, never a test metric
 SELECTION_RULE = "lowest mean validation loss (`val/loss`, the sweep's objective)"
 SEED_KEY = "trainer.seed"
-STRENGTH_KEYS = {  # the parameter that sets how strongly each technique regularizes: the x axis of its plot
-    "l2": "weight_decay",
-    "l1": "strength",
-    "dropout": "p",
-    "label_smoothing": "eps",
-    "early_stopping": "patience",
-}
-LOG_SCALE_TECHNIQUES = {
-    "l2",
-    "l1",
-}  # strengths swept over decades; 0 sits one decade left of the smallest > 0
 METRICS = (  # summary.json keys aggregated per group (report.csv has a mean and a std column for each)
     "train/acc",
     "val/acc",
@@ -244,8 +233,8 @@ class Group:
         }
 
     def strength(self, technique: str) -> float | None:
-        """The technique's strength (STRENGTH_KEYS): from the overrides, else from a job's resolved config."""
-        key = STRENGTH_KEYS.get(technique)
+        """The technique's strength (the `strength_key` its file declares): from the overrides, else from a job's resolved config."""
+        key = strength_key(technique)
         if key is None:
             return None
         value = self.regularizer_params(technique).get(key)
@@ -281,6 +270,19 @@ def _techniques(overrides: Sequence[str], jobs: Sequence[Job]) -> tuple[str, ...
     return tuple(dict.fromkeys(parts[1] for parts in keys if len(parts) > 2))
 
 
+def strength_key(technique: str) -> str | None:
+    """The parameter that sets how strongly a technique regularizes (the x axis of its strength plot)."""
+    return declared(technique, "strength_key")
+
+
+def declared(technique: str, attribute: str):
+    """What a technique's own file declares about it (regularizers/base.py), None for an unknown technique."""
+    from reglab.regularizers import technique_classes
+
+    cls = technique_classes().get(technique)
+    return getattr(cls, attribute, None)
+
+
 def _label(group: Group, common: set[str], omit_strength_of: str | None = None) -> str:
     """`l2 weight_decay=1e-3 + dropout p=0.3, model=cnn`: techniques with their overridden parameters (strength
     first), then the overrides that are not the same in every job of the sweep. `omit_strength_of` leaves out
@@ -294,8 +296,8 @@ def _label(group: Group, common: set[str], omit_strength_of: str | None = None) 
     for technique in described:
         params = group.regularizer_params(technique)
         if technique == omit_strength_of:
-            params.pop(STRENGTH_KEYS.get(technique, ""), None)
-        strength_first = sorted(params, key=lambda param: param != STRENGTH_KEYS.get(technique))
+            params.pop(strength_key(technique) or "", None)
+        strength_first = sorted(params, key=lambda param: param != strength_key(technique))
         technique_parts.append(" ".join([technique, *(f"{p}={params[p]}" for p in strength_first)]))
     others = [
         o
@@ -326,9 +328,7 @@ def _finite_or_none(value: object) -> float | None:
 def _sort_key(group: Group) -> tuple:
     strengths = tuple(
         (s is None, s if s is not None else 0.0)
-        for s in (
-            _as_float(group.regularizer_params(t).get(STRENGTH_KEYS.get(t, ""))) for t in group.techniques
-        )
+        for s in (_as_float(group.regularizer_params(t).get(strength_key(t) or "")) for t in group.techniques)
     )
     return (bool(group.techniques), group.techniques, strengths, group.label)
 
@@ -381,7 +381,7 @@ def _failure_reason(job: Job) -> str:
 
 
 def _strength_columns(groups: Sequence[Group]) -> list[str]:
-    techniques = dict.fromkeys(t for g in groups for t in g.techniques if t in STRENGTH_KEYS)
+    techniques = dict.fromkeys(t for g in groups for t in g.techniques if strength_key(t))
     return list(techniques)
 
 
@@ -391,7 +391,7 @@ def write_csv(groups: Sequence[Group], path: Path) -> Path:
     techniques = _strength_columns(groups)
     selected = selected_group(groups)
     header = ["group", "techniques", "overrides"]
-    header += [f"{t}.{STRENGTH_KEYS[t]}" for t in techniques]
+    header += [f"{t}.{strength_key(t)}" for t in techniques]
     header += ["n", "n_not_ok", "selected"]
     header += [*(f"{m}_{s}" for m in METRICS for s in ("mean", "std")), "overfit_frac"]
     with path.open("w", newline="") as file:
@@ -543,7 +543,7 @@ def _strength_series(groups: Sequence[Group], technique: str) -> dict[str, list[
 
 def _set_strength_axis(axes, technique: str, strengths: Sequence[float]) -> None:
     positive = [s for s in strengths if s > 0]
-    if technique in LOG_SCALE_TECHNIQUES and positive:
+    if declared(technique, "strength_scale") == "log" and positive:  # 0 sits a decade left of the rest
         if min(strengths) <= 0:
             axes.set_xscale("symlog", linthresh=min(positive), linscale=0.5)
         else:
@@ -552,7 +552,7 @@ def _set_strength_axis(axes, technique: str, strengths: Sequence[float]) -> None
     unique = sorted(set(strengths))
     if len(unique) <= 8:
         axes.set_xticks(unique, [f"{s:g}" for s in unique])
-    axes.set_xlabel(f"{technique}.{STRENGTH_KEYS[technique]}")
+    axes.set_xlabel(f"{technique}.{strength_key(technique)}")
 
 
 STRENGTH_PANELS = (  # (metric, scale, y label) of the rows of report_strength.png

@@ -3,104 +3,30 @@
 Hydra's struct mode already refuses unknown keys on the command line; `validate` also refuses unknown keys that a
 `+key=value` override or a hand-written preset smuggled in, wrong types (`trainer.epochs=ten`) and out-of-range
 values (`regularizer.dropout.p=1.5`). Every problem raises one `ConfigError` naming the key, the value and what is
-allowed. Cross-key rules (a CNN on 1-D data, decoupled L2 with SGD's built-in) live at the end.
+allowed. Cross-key rules (a CNN on 1-D data, augmentation of 1-D signals) live at the end. The `regularizer` group is
+not written here: each technique declares its keys and its own cross-key rules in its file (regularizers/base.py).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 from hydra.experimental.callback import Callback
 
 from reglab.errors import ConfigError
+from reglab.specs import (
+    boolean,
+    choice,
+    either,
+    float_pair,
+    int_list,
+    integer,
+    number,
+    optional,
+    string_list,
+    text,
+)
 
-
-@dataclass(frozen=True)
-class Spec:
-    """One key's rule: `check(value)` returns True when the value is allowed; `allowed` says what is."""
-
-    check: Callable[[object], bool]
-    allowed: str
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-def integer(lo: int | None = None, hi: int | None = None) -> Spec:
-    text = "an integer" + (f" >= {lo}" if lo is not None else "") + (f" <= {hi}" if hi is not None else "")
-    return Spec(lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi), text)
-
-
-def number(lo: float | None = None, hi: float | None = None, lo_open=False, hi_open=False) -> Spec:
-    """A finite float or int in the interval lo..hi (brackets as written in `allowed`)."""
-
-    def check(v) -> bool:
-        if not _is_number(v):
-            return False
-        above = lo is None or (v > lo if lo_open else v >= lo)
-        below = hi is None or (v < hi if hi_open else v <= hi)
-        return above and below
-
-    if lo is not None and hi is not None:
-        text = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    elif lo is not None:
-        text = f"a number {'>' if lo_open else '>='} {lo:g}"
-    else:
-        text = "a number"
-    return Spec(check, text)
-
-
-def choice(*options) -> Spec:
-    return Spec(lambda v: v in options, "one of " + ", ".join(str(o) for o in options))
-
-
-def boolean() -> Spec:
-    return Spec(lambda v: isinstance(v, bool), "true or false")
-
-
-def text() -> Spec:
-    return Spec(lambda v: isinstance(v, str) and v != "", "a non-empty string")
-
-
-def optional(spec: Spec) -> Spec:
-    return Spec(lambda v: v is None or spec.check(v), f"null or {spec.allowed}")
-
-
-def int_list(lo: int = 1) -> Spec:
-    return Spec(
-        lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) and x >= lo for x in v),
-        f"a list of integers >= {lo}, e.g. [100, 100]",
-    )
-
-
-def string_list() -> Spec:
-    return Spec(
-        lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings"
-    )
-
-
-def either(*specs: Spec) -> Spec:
-    return Spec(lambda v: any(s.check(v) for s in specs), " or ".join(s.allowed for s in specs))
-
-
-def float_pair() -> Spec:
-    return Spec(
-        lambda v: (
-            isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v)
-        ),
-        "two numbers in [0, 1), e.g. [0.9, 0.999]",
-    )
-
-
-PROBABILITY = number(0, 1, hi_open=True)
-IMPL = choice("scratch", "torch")
 ACTIVATION = choice("relu", "gelu", "tanh")
 DATA_COMMON = {
     "name": choice("mnist1d", "digits", "mnist", "fashion_mnist", "cifar10"),
@@ -132,48 +58,6 @@ SCHEMA: dict[str, Mapping] = {
         "eps": number(0, lo_open=True),
         "momentum": number(0, 1, hi_open=True),
         "nesterov": boolean(),
-    },
-    "regularizer": {
-        "l2": {
-            "weight_decay": number(0),
-            "mode": choice("penalty", "coupled", "decoupled"),
-            "impl": IMPL,
-            "exclude_bias_and_norm": boolean(),
-        },
-        "l1": {
-            "strength": number(0),
-            "mode": choice("subgradient", "proximal"),
-            "impl": IMPL,
-            "exclude_bias_and_norm": boolean(),
-        },
-        "dropout": {
-            "p": PROBABILITY,
-            "input_p": PROBABILITY,
-            "conv_p": optional(PROBABILITY),
-            "conv_kind": choice("channel", "element"),
-            "max_norm": optional(number(0, lo_open=True)),
-            "max_norm_output": boolean(),
-            "impl": IMPL,
-            "mc_samples": integer(0),
-        },
-        "label_smoothing": {
-            "eps": number(0, 1),
-            "variant": choice("uniform", "off_target"),
-            "impl": IMPL,
-        },
-        "early_stopping": {
-            "monitor": text(),
-            "mode": choice("auto", "min", "max"),
-            "patience": integer(0),
-            "min_delta": number(0),
-            "delta_mode": choice("abs", "rel"),
-            "baseline": optional(number()),
-            "start_from_epoch": integer(0),
-            "check_finite": boolean(),
-            "stopping_threshold": optional(number()),
-            "divergence_threshold": optional(number()),
-            "restore_best": boolean(),
-        },
     },
     "trainer": {
         "epochs": integer(1),
@@ -211,31 +95,36 @@ SCHEMA: dict[str, Mapping] = {
 }
 
 INSTANTIABLE = ("reglab.", "torch.")  # a config must never name arbitrary code to run
-MONITORABLE = (
-    "val/loss",
-    "val/acc",
-    "val/nll",
-    "val/ece",
-    "val/confidence",
-    "train/loss",
-    "train/acc",
-    "gap/val_loss",
-)
 
 
 def validate(cfg: Mapping) -> None:
     """Raise ConfigError for the first key of `cfg` (a plain dict of the run's config) that breaks the schema."""
-    unknown = [key for key in cfg if key not in SCHEMA]
+    schema = full_schema()
+    unknown = [key for key in cfg if key not in schema]
     if unknown:
         raise ConfigError(
-            unknown[0], cfg[unknown[0]], f"no such key; the config's groups are {', '.join(SCHEMA)}"
+            unknown[0], cfg[unknown[0]], f"no such key; the config's groups are {', '.join(schema)}"
         )
-    for group, spec in SCHEMA.items():
+    for group, spec in schema.items():
         if group not in cfg:
             raise ConfigError(group, None, "a config group; it is missing from the config")
         _check_node(cfg[group], spec, group)
-    _check_required(cfg)
+    _check_required(cfg, schema)
     _check_cross_keys(cfg)
+    techniques = technique_classes()
+    for name, settings in cfg["regularizer"].items():
+        techniques[name].check(settings, cfg)
+
+
+def full_schema() -> dict[str, Mapping]:
+    """SCHEMA with the `regularizer` group: each technique's keys, as its own file declares them."""
+    return {**SCHEMA, "regularizer": {name: cls.keys for name, cls in technique_classes().items()}}
+
+
+def technique_classes():
+    from reglab.regularizers import technique_classes  # torch loads with the techniques' math
+
+    return technique_classes()
 
 
 # Keys every config must carry; the rest depend on the option (e.g. only CNNs have `channels`).
@@ -257,14 +146,14 @@ REQUIRED_BY_OPTION = {
 }
 
 
-def _check_required(cfg: Mapping) -> None:
+def _check_required(cfg: Mapping, schema: Mapping) -> None:
     """A key a preset or a `+group.key=...` override left out would otherwise fail deep inside training."""
     nodes = [(group, cfg[group], keys) for group, keys in REQUIRED.items()]
     nodes += [
         (f"{g}", cfg[g], keys) for (g, option), keys in REQUIRED_BY_OPTION.items() if cfg[g]["name"] == option
     ]
     nodes += [
-        (f"regularizer.{name}", node, tuple(SCHEMA["regularizer"][name]))
+        (f"regularizer.{name}", node, tuple(schema["regularizer"][name]))
         for name, node in cfg["regularizer"].items()
     ]
     if cfg["logger"]["name"] == "wandb":
@@ -294,41 +183,13 @@ def _check_node(node, spec: Mapping, path: str) -> None:
 
 
 def _check_cross_keys(cfg: Mapping) -> None:
-    reg, opt = cfg["regularizer"], cfg["optimizer"]
-    l2 = reg.get("l2")
-    if l2 and l2["impl"] == "torch" and l2["mode"] == "decoupled" and opt["name"] == "sgd":
-        raise ConfigError(
-            "regularizer.l2.impl",
-            "torch",
-            "scratch when mode=decoupled with optimizer=sgd (torch has no decoupled SGD)",
-        )
-    if l2 and l2["mode"] == "coupled" and opt["name"] == "adamw":
-        raise ConfigError(
-            "regularizer.l2.mode",
-            "coupled",
-            "decoupled or penalty with optimizer=adamw (AdamW's weight decay is decoupled by definition); "
-            "for L2 in the gradient of Adam use optimizer=adam",
-        )
+    opt = cfg["optimizer"]
     if opt["name"] == "sgd" and opt["nesterov"] and opt["momentum"] <= 0:
         raise ConfigError(
             "optimizer.nesterov", True, "false when optimizer.momentum=0 (Nesterov needs momentum)"
         )
-    smoothing = reg.get("label_smoothing")
-    if smoothing and smoothing["impl"] == "torch" and smoothing["variant"] != "uniform":
-        raise ConfigError(
-            "regularizer.label_smoothing.variant",
-            smoothing["variant"],
-            "uniform with impl=torch (PyTorch's only one)",
-        )
     if cfg["dataset"].get("augment") and cfg["dataset"]["name"] == "mnist1d":
         raise ConfigError("dataset.augment", True, "false for mnist1d (shifts and flips are for 2-D images)")
-    stop = reg.get("early_stopping")
-    if stop and stop["monitor"] not in MONITORABLE:
-        raise ConfigError(
-            "regularizer.early_stopping.monitor", stop["monitor"], "one of " + ", ".join(MONITORABLE)
-        )
-    if stop:
-        _check_early_stopping_thresholds(stop)
     if cfg["trainer"]["device"] == "cuda":
         import torch
 
@@ -336,32 +197,6 @@ def _check_cross_keys(cfg: Mapping) -> None:
             raise ConfigError(
                 "trainer.device", "cuda", "auto or cpu: no CUDA device is visible on this machine"
             )
-
-
-def monitor_direction(monitor: str, mode: str) -> str:
-    """'min' or 'max', by the rule of reglab.regularizers.early_stopping.resolve_mode (not imported here:
-    validation runs before torch is loaded): "auto" maximizes accuracies and minimizes everything else."""
-    if mode != "auto":
-        return mode
-    return "max" if "acc" in monitor.lower() else "min"
-
-
-def _check_early_stopping_thresholds(stop: Mapping) -> None:
-    """A divergence threshold that is not worse than the stopping threshold stops every run at once: each
-    score either reaches the one or passes the other."""
-    stopping, divergence = stop["stopping_threshold"], stop["divergence_threshold"]
-    if stopping is None or divergence is None:
-        return
-    minimizing = monitor_direction(stop["monitor"], stop["mode"]) == "min"
-    if (divergence > stopping) if minimizing else (divergence < stopping):
-        return
-    direction = "above" if minimizing else "below"
-    raise ConfigError(
-        "regularizer.early_stopping.divergence_threshold",
-        divergence,
-        f"null or a number {direction} stopping_threshold={stopping:g} when {stop['monitor']} is "
-        f"{'minimized' if minimizing else 'maximized'} (otherwise every score stops training at once)",
-    )
 
 
 class ValidateSweep(Callback):

@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reglab.regularizers.base import Technique
+from reglab.specs import IMPL, PROBABILITY, boolean, choice, integer, number, optional
+
 
 def _check_probability(p: float) -> None:
     # p == 1 would divide by zero in the 1/(1-p) scale and zero the whole layer: never a useful setting.
@@ -203,3 +206,62 @@ def max_norm_(weights: list[Tensor], c: float) -> None:
             norms = torch.linalg.vector_norm(weight, dim=tuple(range(1, weight.ndim)), keepdim=True)
             # A zero-norm vector gives c / 0 = inf, which the clamp turns into a harmless factor of 1.
             weight.mul_((c / norms).clamp_(max=1.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The technique
+
+
+class Dropout(Technique):
+    """Dropout layers in the model, and the optional max-norm constraint after each step."""
+
+    name = "dropout"
+    keys = {
+        "p": PROBABILITY,
+        "input_p": PROBABILITY,
+        "conv_p": optional(PROBABILITY),
+        "conv_kind": choice("channel", "element"),
+        "max_norm": optional(number(0, lo_open=True)),
+        "max_norm_output": boolean(),
+        "impl": IMPL,
+        "mc_samples": integer(0),
+    }
+    strength_key = "p"
+    order = 30
+
+    def dropout_plan(self, member):
+        s = self.settings[member]
+        if s is None:
+            return None
+        conv_p = s["p"] if s["conv_p"] is None else s["conv_p"]
+        return DropoutPlan(
+            p=s["p"], input_p=s["input_p"], conv_p=conv_p, conv_kind=s["conv_kind"], impl=s["impl"]
+        )
+
+    def setup(self, model):
+        from reglab.models import member_weights  # models.py builds its dropout layers from this package
+
+        self.constrained = {
+            k: member_weights(model, k, output_layer=self.settings[k]["max_norm_output"])
+            for k in self.members()
+            if self.settings[k]["max_norm"] is not None
+        }
+
+    def final_metrics(self, member, model, x, y, batch_size):
+        """Test metrics of Monte Carlo dropout predictions, when member k asks for them (`mc_samples`)."""
+        s = self.settings[member]
+        if s is None or not s["mc_samples"]:
+            return {}
+        from reglab.diagnostics import prediction_metrics
+
+        probs, entropy = mc_predict(model, x, s["mc_samples"], batch_size, len(self.settings), member)
+        metrics = {
+            **prediction_metrics(probs[member].clamp_min(1e-12).log(), y),
+            "entropy": entropy[member].mean(),
+        }
+        return {f"test/mc_{name}": value.item() for name, value in metrics.items()}
+
+    def after_step(self, lrs):
+        for k, weights in self.constrained.items():
+            if self.settings[k] is not None:
+                max_norm_(weights, self.settings[k]["max_norm"])

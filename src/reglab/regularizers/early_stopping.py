@@ -52,8 +52,23 @@ import sys
 
 from torch import Tensor, nn
 
+from reglab.errors import ConfigError
+from reglab.regularizers.base import Technique
+from reglab.specs import boolean, choice, integer, number, optional
+
 MODES = ("auto", "min", "max")
 DELTA_MODES = ("abs", "rel")
+# what an epoch's metrics row holds that early stopping may watch
+MONITORABLE = (
+    "val/loss",
+    "val/acc",
+    "val/nll",
+    "val/ece",
+    "val/confidence",
+    "train/loss",
+    "train/acc",
+    "gap/val_loss",
+)
 
 
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -232,3 +247,60 @@ class EarlyStopping:
         self.stopped_epoch = state["stopped_epoch"]
         self.stop_reason = state["stop_reason"]
         self.best_state = state["best_state"]
+
+
+class EarlyStoppingTechnique(Technique):
+    """Stops a member when its monitored metric stops improving; restores its best weights at the end."""
+
+    name = "early_stopping"
+    keys = {
+        "monitor": choice(*MONITORABLE),
+        "mode": choice(*MODES),
+        "patience": integer(0),
+        "min_delta": number(0),
+        "delta_mode": choice(*DELTA_MODES),
+        "baseline": optional(number()),
+        "start_from_epoch": integer(0),
+        "check_finite": boolean(),
+        "stopping_threshold": optional(number()),
+        "divergence_threshold": optional(number()),
+        "restore_best": boolean(),
+    }
+    strength_key = "patience"
+    order = 40
+
+    @classmethod
+    def check(cls, settings, cfg):
+        """A divergence threshold that is not worse than the stopping threshold stops every run at once: each
+        score either reaches the one or passes the other."""
+        stopping, divergence = settings["stopping_threshold"], settings["divergence_threshold"]
+        if stopping is None or divergence is None:
+            return
+        minimizing = resolve_mode(settings["monitor"], settings["mode"]) == "min"
+        if (divergence > stopping) if minimizing else (divergence < stopping):
+            return
+        direction = "above" if minimizing else "below"
+        raise ConfigError(
+            "regularizer.early_stopping.divergence_threshold",
+            divergence,
+            f"null or a number {direction} stopping_threshold={stopping:g} when {settings['monitor']} is "
+            f"{'minimized' if minimizing else 'maximized'} (otherwise every score stops training at once)",
+        )
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.stoppers = {k: EarlyStopping(**s) for k, s in enumerate(settings) if s is not None}
+
+    def end_epoch(self, member, metrics, epoch, model):
+        stopper = self.stoppers.get(member)
+        return stopper is not None and stopper.step(metrics[stopper.monitor], epoch, model=model)
+
+    def selection(self, member):
+        return self.stoppers.get(member)
+
+    def state_dict(self, member):
+        return self.stoppers[member].state_dict() if member in self.stoppers else {}
+
+    def load_state_dict(self, member, state):
+        if member in self.stoppers:
+            self.stoppers[member].load_state_dict(state)

@@ -47,6 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reglab.errors import ConfigError
+from reglab.regularizers.base import Technique
+from reglab.specs import IMPL, boolean, choice, number
+
 
 def _per_member(terms: list[Tensor]) -> Tensor:
     return torch.stack(terms).sum(0) if terms else torch.zeros(1)
@@ -134,3 +138,166 @@ def decoupled_weight_decay_(params: Iterable[Tensor], lr: float, weight_decay: f
         for p in params:
             if p.grad is not None:
                 p.mul_(1.0 - lr * weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The techniques: per member a strength, a mode and an impl
+
+
+class WeightNormTechnique(Technique):
+    """Shared by L1 and L2: per member a strength λ, a mode, an impl, and the weights they act on."""
+
+    strength_key = "strength"
+
+    def setup(self, model):
+        from reglab.models import member_parameters
+
+        self.params = {
+            k: member_decay_split(model, k, self.settings[k]["exclude_bias_and_norm"])[0]
+            for k in self.members()
+        }
+        # for the penalties: the stacked parameters, and per member whether each one counts (biases only when
+        # not excluded), as 1.0 / 0.0 factors
+        self.stacked = [param for _, param in model.named_parameters()]
+        decayed = {k: {id(p) for p in self.params[k]} for k in self.members()}
+        self.counts = [
+            torch.tensor(
+                [float(k in decayed and id(view) in decayed[k]) for k, (_, view) in enumerate(views)]
+            )
+            for views in zip(*(member_parameters(model, k) for k in range(len(self.settings))), strict=True)
+        ]
+
+    def strength(self, member: int) -> float:
+        return self.settings[member][self.strength_key]
+
+    def in_mode(self, mode: str, impl: str | None = None) -> list[int]:
+        return [
+            k
+            for k in self.members()
+            if self.settings[k]["mode"] == mode and (impl is None or self.settings[k]["impl"] == impl)
+        ]
+
+    def penalties(self, mode: str, scratch, builtin, scale: float) -> Tensor | None:
+        """scale·λ_k·(the penalty of member k's weights) for every member k in `mode`, 0 for the others: one
+        vectorized pass over the stacked weights per implementation in use."""
+        members = self.in_mode(mode)
+        if not members:
+            return None
+        device = self.stacked[0].device
+        totals = torch.zeros(len(self.settings), device=device)
+        for impl, penalty in (("scratch", scratch), ("torch", builtin)):
+            users = [k for k in members if self.settings[k]["impl"] == impl]
+            if users:
+                per_member = sum(
+                    penalty([param]) * count.to(device)
+                    for param, count in zip(self.stacked, self.counts, strict=True)
+                )
+                totals = torch.where(self.mask(users, device), per_member, totals)
+        strengths = torch.tensor(
+            [self.strength(k) if k in members else 0.0 for k in range(len(self.settings))]
+        )
+        return scale * strengths.to(device) * totals
+
+    def mask(self, members: list[int], device) -> Tensor:
+        return torch.tensor([k in members for k in range(len(self.settings))], device=device)
+
+
+class L2(WeightNormTechnique):
+    """L2 / weight decay in three modes (see py for the math and the λ/2 convention)."""
+
+    name = "l2"
+    keys = {
+        "weight_decay": number(0),
+        "mode": choice("penalty", "coupled", "decoupled"),
+        "impl": IMPL,
+        "exclude_bias_and_norm": boolean(),
+    }
+    strength_key = "weight_decay"
+    strength_scale = "log"
+    order = 20
+
+    @classmethod
+    def check(cls, settings, cfg):
+        optimizer = cfg["optimizer"]["name"]
+        if settings["impl"] == "torch" and settings["mode"] == "decoupled" and optimizer == "sgd":
+            raise ConfigError(
+                "regularizer.l2.impl",
+                "torch",
+                "scratch when mode=decoupled with optimizer=sgd (torch has no decoupled SGD)",
+            )
+        if settings["mode"] == "coupled" and optimizer == "adamw":
+            raise ConfigError(
+                "regularizer.l2.mode",
+                "coupled",
+                "decoupled or penalty with optimizer=adamw (AdamW's weight decay is decoupled by definition); "
+                "for L2 in the gradient of Adam use optimizer=adam",
+            )
+
+    def penalty(self):
+        # λ/2·Σw²: its gradient λ·w matches SGD(weight_decay=λ)
+        return self.penalties("penalty", l2_penalty, l2_penalty_torch, scale=0.5)
+
+    def optimizer_groups(self, member):
+        # impl=torch decays through the optimizer's own weight_decay, on the same weights the scratch modes decay
+        # (biases and norm layers left out when exclude_bias_and_norm): they get a parameter group of their own
+        setting = self.settings[member]
+        if setting is None or setting["impl"] != "torch" or setting["mode"] == "penalty":
+            return []
+        decay = {
+            "weight_decay": setting["weight_decay"],
+            "decoupled_weight_decay": setting["mode"] == "decoupled",
+        }
+        return [(self.params[member], decay)]
+
+    def describe(self, member):
+        s = self.settings[member]
+        if s is None:
+            return None
+        how = {
+            "penalty": f"λ/2·Σw² with λ={s['weight_decay']:g} added to the loss",
+            "coupled": f"coupled weight decay λ={s['weight_decay']:g}: grad += λ·w",
+            "decoupled": f"decoupled weight decay λ={s['weight_decay']:g}: w -= lr·λ·w",
+        }[s["mode"]]
+        by = "the optimizer's own weight_decay" if self.optimizer_groups(member) else s["impl"]
+        return f"l2 {how} ({by}; biases {'excluded' if s['exclude_bias_and_norm'] else 'included'})"
+
+    def before_step(self, lrs):
+        for k in self.in_mode("coupled", "scratch"):
+            # grad += λ·w, as SGD/Adam do inside
+            coupled_weight_decay_(self.params[k], self.strength(k))
+        for k in self.in_mode("decoupled", "scratch"):
+            decoupled_weight_decay_(self.params[k], lrs[k], self.strength(k))
+
+
+class L1(WeightNormTechnique):
+    """L1: subgradient (λ·Σ|w| in the loss) or proximal (soft-threshold by lr·λ after each step: exact zeros)."""
+
+    name = "l1"
+    keys = {
+        "strength": number(0),
+        "mode": choice("subgradient", "proximal"),
+        "impl": IMPL,
+        "exclude_bias_and_norm": boolean(),
+    }
+    strength_key = "strength"
+    strength_scale = "log"
+    order = 10
+
+    def penalty(self):
+        return self.penalties("subgradient", l1_penalty, l1_penalty_torch, scale=1.0)
+
+    def describe(self, member):
+        s = self.settings[member]
+        if s is None:
+            return None
+        if s["mode"] == "subgradient":
+            return f"l1 λ·Σ|w| with λ={s['strength']:g} added to the loss ({s['impl']})"
+        return f"l1 proximal: soft-threshold by lr·λ, λ={s['strength']:g}, after every step ({s['impl']})"
+
+    def after_step(self, lrs):
+        for k in self.in_mode("proximal"):
+            # ISTA: after a gradient step of size lr, the prox of lr·λ·|w| is soft-thresholding by lr·λ. Exact only
+            # after plain SGD (momentum 0): step + prox = one ISTA iteration on the batch. After a momentum or Adam
+            # step it is a heuristic (py says which) that still gives exact zeros.
+            shrink = proximal_l1_ if self.settings[k]["impl"] == "scratch" else proximal_l1_torch_
+            shrink(self.params[k], lrs[k] * self.strength(k))

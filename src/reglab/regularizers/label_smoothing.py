@@ -26,6 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from reglab.errors import ConfigError
+from reglab.regularizers.base import Technique
+from reglab.specs import IMPL, choice, number
+
 VARIANTS = ("uniform", "off_target")
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -79,3 +83,31 @@ def label_smoothing_cross_entropy(
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+class LabelSmoothing(Technique):
+    """Soft targets in the data loss, per member: ε and the variant; members without it keep plain cross-entropy."""
+
+    name = "label_smoothing"
+    keys = {"eps": number(0, 1), "variant": choice(*VARIANTS), "impl": IMPL}
+    strength_key = "eps"
+    order = 50
+
+    @classmethod
+    def check(cls, settings, cfg):
+        if settings["impl"] == "torch" and settings["variant"] != "uniform":
+            raise ConfigError(
+                "regularizer.label_smoothing.variant",
+                settings["variant"],
+                "uniform with impl=torch (PyTorch's only one)",
+            )
+
+    def data_loss(self, logits, y, loss):
+        smoothed = list(loss.unbind())
+        for k in self.members():
+            s = self.settings[k]
+            if s["impl"] == "torch":
+                smoothed[k] = F.cross_entropy(logits[k], y[k], label_smoothing=s["eps"])
+            else:
+                smoothed[k] = label_smoothing_cross_entropy(logits[k], y[k], s["eps"], variant=s["variant"])
+        return torch.stack(smoothed)
