@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import reglab  # noqa: F401  (first, before any matmul: it sets MKL's reproducibility mode, which MKL reads once)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 TINY = ["trainer.epochs=3", "dataset.n_train=300", "trainer.plots=false"]  # a run of about a second

@@ -109,3 +109,16 @@ def test_a_diverging_member_never_touches_the_others(tmp_path, data_root):
         read_summary(tmp_path / "stacked" / "sgd")["test/acc"]
         == read_summary(tmp_path / "alone" / "sgd")["test/acc"]
     )
+
+
+def test_identical_members_of_a_cnn_stack_stay_identical(tmp_path, data_root):
+    """The same job three times in one stack: every position in the stack must compute the same numbers (MKL picks
+    kernels by operand alignment unless reglab's MKL_CBWR setting makes it strict; member 1 once differed)."""
+    members = []
+    for k in range(3):
+        cfg = config(data_root, "trainer.epochs=2", "dataset.n_train=300", "trainer.seed=1", "model=cnn1d")
+        (tmp_path / str(k)).mkdir()
+        members.append(Member(cfg=cfg, run_dir=tmp_path / str(k), job=Job(multirun=True)))
+    train_stack(members)
+    rows = [read_metrics(tmp_path / str(k)) for k in range(3)]
+    assert without_time(rows[1]) == without_time(rows[0]) == without_time(rows[2])

@@ -1,0 +1,233 @@
+"""`make bench-sweeps`: whole sweeps through the stacked launcher against Hydra's basic and joblib launchers.
+
+Each workload is one `python train.py -m ...` process per launcher, run back to back and timed start to exit (the
+sweep report included); peak memory is the finished process's ru_maxrss. The workloads and targets are those of
+issue 10 ("Train a whole sweep as one batched model"):
+
+  1. 48-job grid: regularizer=l2, 4 weight decays x 12 seeds, 150 epochs, logger=none: basic, joblib, stacked
+  2. `make sweep`: every technique at its default strength and none, 3 seeds (18 jobs): basic vs stacked
+  3. the 48-job grid with W&B offline: basic vs stacked
+  4. a 12-job model=cnn1d grid (2 weight decays x 6 seeds, 50 epochs): basic vs stacked
+  5. peak resident memory of the 48-job stack
+
+    python benchmarks/stacked_sweeps.py            # ~20 minutes on 2 cores; rewrites its block of docs/performance.md
+    python benchmarks/stacked_sweeps.py --smoke    # tiny sizes, about a minute, writes nothing
+    python benchmarks/stacked_sweeps.py --device cuda --jobs 256 --basic-jobs 16 --no-write-docs   # on a GPU
+
+On a GPU the basic launcher's 256 jobs would take hours: `--basic-jobs N` times it on the grid's first N jobs and
+scales the time per job to the whole grid (the row says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (benchmarks/bench.py: process timing, table and docs helpers)
+
+ROOT = bench.ROOT
+DOCS_START, DOCS_END = "<!-- stacked-sweeps:start -->", "<!-- stacked-sweeps:end -->"
+SWEEP = [
+    "regularizer=none,l1,l2,dropout,early_stopping,label_smoothing",
+    "trainer.seed=0,1,2",
+]  # = make sweep
+LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=joblib"], "stacked": ["hydra/launcher=stacked"]}
+
+
+@dataclass
+class Workload:
+    name: str
+    overrides: list[str]
+    jobs: int
+    launchers: tuple[str, ...]
+    targets: dict[str, float]  # "joblib" -> the most stacked/joblib may be, ...
+
+
+def seeds(n: int) -> str:
+    return ",".join(str(s) for s in range(n))
+
+
+def workloads(args) -> list[Workload]:
+    epochs, n_seeds, cnn_epochs = (2, 2, 2) if args.smoke else (150, args.jobs // 4, 50)
+    grid = [
+        "regularizer=l2",
+        "regularizer.l2.weight_decay=0,1e-4,1e-3,1e-2",
+        f"trainer.seed={seeds(n_seeds)}",
+    ]
+    grid += [f"trainer.epochs={epochs}"]
+    jobs = 4 * n_seeds
+    return [
+        Workload(
+            f"{jobs}-job l2 grid",
+            [*grid, "logger=none"],
+            jobs,
+            ("basic", "joblib", "stacked"),
+            {"basic": 1 / 5, "joblib": 1 / 2.5},
+        ),
+        Workload(
+            "make sweep (18 jobs)",
+            [*SWEEP, "logger=none", *(["trainer.epochs=2"] if args.smoke else [])],
+            18,
+            ("basic", "stacked"),
+            {"basic": 1 / 3},
+        ),
+        Workload(
+            f"{jobs}-job l2 grid, W&B offline",
+            [*grid, "logger=wandb", "logger.wandb.mode=offline"],
+            jobs,
+            ("basic", "stacked"),
+            {"basic": 1 / 3},
+        ),
+        Workload(
+            "12-job cnn1d grid",
+            [
+                "model=cnn1d",
+                "regularizer=l2",
+                "regularizer.l2.weight_decay=0,1e-3",
+                f"trainer.seed={seeds(6)}",
+                f"trainer.epochs={cnn_epochs}",
+                "logger=none",
+            ],
+            12,
+            ("basic", "stacked"),
+            {"basic": 1 / 2},
+        ),
+    ]
+
+
+def run_sweep(args, workload: Workload, launcher: str, workdir: Path, env: dict) -> bench.Finished:
+    slug = "".join(c if c.isalnum() or c == "-" else "_" for c in workload.name)
+    sweep_dir = workdir / f"{slug}-{launcher}"
+    overrides = list(workload.overrides)
+    if launcher == "basic" and args.basic_jobs and args.basic_jobs < workload.jobs:
+        overrides = [
+            o if not o.startswith("trainer.seed=") else f"trainer.seed={seeds(args.basic_jobs // 4)}"
+            for o in overrides
+        ]
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *overrides, *LAUNCHERS[launcher]]
+    cmd += [f"trainer.device={args.device}", f"dataset.root={args.data_root}", f"hydra.sweep.dir={sweep_dir}"]
+    finished = bench.run_process(cmd, workdir, env, timeout_s=3 * 3600)
+    summaries = [json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")]
+    ok = [s for s in summaries if s["status"] in ("completed", "early_stopped")]
+    if len(ok) != len(summaries) or not ok:
+        raise RuntimeError(f"{workload.name}, {launcher}: {len(ok)} of {len(summaries)} jobs finished")
+    finished.jobs = len(summaries)
+    return finished
+
+
+def rows_for(workload: Workload, times: dict[str, bench.Finished]) -> list[bench.Row]:
+    rows = []
+    stacked = times["stacked"]
+    for launcher in workload.launchers[:-1]:
+        base = times[launcher]
+        base_s = base.wall_s * workload.jobs / base.jobs  # scaled when --basic-jobs timed a part of the grid
+        scaled = f" (timed on {base.jobs} jobs, scaled)" if base.jobs != workload.jobs else ""
+        ratio = stacked.wall_s / base_s
+        limit = workload.targets.get(launcher)
+        rows.append(
+            bench.Row(
+                "",
+                f"{workload.name}: {launcher} (A) vs stacked (B)",
+                "whole sweep, start to exit" + scaled,
+                f"{base_s:.1f} s",
+                f"{stacked.wall_s:.1f} s",
+                f"{ratio:.2f}x ({1 / ratio:.1f}x faster)",
+                "-" if limit is None else f"<= {limit:.2f}x ({1 / limit:g}x faster)",
+                "info" if limit is None else bench.verdict(ratio <= limit),
+            )
+        )
+    return rows
+
+
+def memory_row(workload: Workload, stacked: bench.Finished, limit_mb: float) -> bench.Row:
+    return bench.Row(
+        "",
+        f"{workload.name}: the stacked process",
+        "peak resident memory (ru_maxrss)",
+        "-",
+        f"{stacked.peak_rss_mb:.0f} MB",
+        "-",
+        f"<= {limit_mb:.0f} MB",
+        bench.verdict(stacked.peak_rss_mb <= limit_mb),
+    )
+
+
+def write_docs(path: Path, lines: list[str]) -> None:
+    text = path.read_text()
+    block = "\n".join([DOCS_START, "", *lines, "", DOCS_END])
+    if DOCS_START in text:
+        before, rest = text.split(DOCS_START, 1)
+        text = before + block + rest.split(DOCS_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Stacked sweeps (`make bench-sweeps`)\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs")
+    parser.add_argument("--device", default="cpu", help="trainer.device for every run (cpu, cuda)")
+    parser.add_argument("--jobs", type=int, default=48, help="jobs of the l2 grid (a multiple of 4)")
+    parser.add_argument("--basic-jobs", type=int, help="time the basic launcher on this many jobs and scale")
+    parser.add_argument("--workdir", type=Path, help="keep the sweeps here (default: a temp dir)")
+    parser.add_argument("--data-root", type=Path, default=ROOT / "data")
+    parser.add_argument("--docs", type=Path, default=bench.DOCS)
+    parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.jobs = 8
+    if args.write_docs is None:
+        args.write_docs = not args.smoke and args.device == "cpu"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.data_root = args.data_root.resolve()
+    workdir = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="reglab-sweeps-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = bench.child_env(workdir)
+    bench.prepare_data(args.data_root)
+    started, rows = time.perf_counter(), []
+    load_before = os.getloadavg()[0]
+    for workload in workloads(args):
+        times = {}
+        for launcher in workload.launchers:
+            times[launcher] = run_sweep(args, workload, launcher, workdir, env)
+            bench.log(
+                f"{workload.name:<32} {launcher:<8} {times[launcher].wall_s:7.1f} s "
+                f"({times[launcher].jobs} jobs, peak {times[launcher].peak_rss_mb:.0f} MB)"
+            )
+        rows += rows_for(workload, times)
+        if workload.name.endswith("l2 grid"):
+            rows.append(memory_row(workload, times["stacked"], 2000))
+    for number, row in enumerate(rows, 1):
+        row.number = str(number)
+    context = bench.context_lines(SimpleArgs(args))
+    context[0] = context[0].replace("interleaved, medians; ", "one process per launcher, back to back; ")
+    context.append(f"Device: {args.device}; load average before the first sweep: {load_before:.2f}.  ")
+    lines = [*context, "", bench.format_table(rows), "", bench.target_summary(rows)]
+    bench.log(f"done in {time.perf_counter() - started:.0f} s")
+    print("\n".join(lines))
+    if args.write_docs:
+        write_docs(args.docs, lines)
+        bench.log(f"results written into {args.docs}")
+    return 0
+
+
+class SimpleArgs:
+    """What bench.context_lines reads."""
+
+    def __init__(self, args):
+        self.smoke, self.repeats = args.smoke, 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
