@@ -156,7 +156,9 @@ def prepare(stack: Stack):
     stack.device = setup_process(stack.trainer, stack.members[0].seed)
     data = load_stack_data([m.cfg["dataset"] for m in stack.members])
     data = data.to(stack.device, keep_train_on_host=stack.trainer["loader"] == "dataloader")
-    regs = build_regularization([m.cfg["regularizer"] for m in stack.members])
+    regs = build_regularization(
+        [m.cfg["regularizer"] for m in stack.members], [m.seed for m in stack.members]
+    )
     for m in stack.members:
         m.batch_generator.manual_seed(m.seed)  # the batch order; a resume restores its state
         m.noise_generator = torch.Generator(stack.device).manual_seed(m.seed)

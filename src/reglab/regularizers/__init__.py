@@ -118,15 +118,16 @@ class Regularization:
             t.load_state_dict(member, state.get(t.name, {}))
 
 
-def build_regularization(nodes: list[dict]) -> Regularization:
-    """One `Technique` per technique that any member's `regularizer` config node names, in hook order."""
+def build_regularization(nodes: list[dict], seeds: list[int] | None = None) -> Regularization:
+    """One `Technique` per technique that any member's `regularizer` config node names, in hook order; `seeds`
+    are the members' trainer.seed values."""
     classes = technique_classes()
     for node in nodes:
         unknown = [name for name in node if name not in classes]
         if unknown:
             raise ConfigError("regularizer", unknown[0], f"one of {', '.join(classes)}")
     techniques = [
-        cls([dict(node[name]) if name in node else None for node in nodes])
+        cls([dict(node[name]) if name in node else None for node in nodes], seeds)
         for name, cls in classes.items()
         if any(name in node for node in nodes)
     ]

@@ -54,8 +54,11 @@ class Technique:
         """Rules across keys (or with the rest of the config), raising ConfigError; each key alone is checked
         against `keys` first."""
 
-    def __init__(self, settings: list[dict | None]):
+    def __init__(self, settings: list[dict | None], seeds: list[int] | None = None):
         self.settings = settings
+        # each member's trainer.seed: a technique that draws random numbers seeds a generator per member from it
+        # (and saves its state in `state_dict`), so that a stacked member draws exactly what it would alone
+        self.seeds = seeds if seeds is not None else [0] * len(settings)
 
     def members(self) -> list[int]:
         """The members that use this technique (and have not finished training)."""
