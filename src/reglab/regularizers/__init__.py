@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reglab.errors import ConfigError
-from reglab.regularizers.base import Technique
+from reglab.regularizers.base import Site, Technique
 from reglab.regularizers.dropout import DropoutPlan
 
 if TYPE_CHECKING:
@@ -58,6 +58,10 @@ class Regularization:
                 next((p for t in self.techniques if (p := t.dropout_plan(k)) is not None), DropoutPlan())
             )
         return plans
+
+    def model_layers(self, site: Site, generators: list[torch.Generator]) -> list[nn.Module]:
+        """The techniques' own layers at `site` of the network (models.py asks at every site), in hook order."""
+        return [layer for t in self.techniques if (layer := t.model_layer(site, generators)) is not None]
 
     def setup(self, model: nn.Module) -> None:
         for t in self.techniques:
