@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 from torchvision.ops import StochasticDepth
@@ -12,7 +14,10 @@ from reglab.models import Architecture, build_model
 from reglab.regularizers import build_regularization
 from reglab.regularizers.stochastic_depth import StackedStochasticDepth, stochastic_depth
 from reglab.schema import validate
+from tests.conftest import read_metrics, run_train
 from tests.test_config import composed
+from tests.test_faults import start_run, wait_for_epochs
+from tests.test_stack import without_time
 
 RESMLP = {"name": "resmlp", "width": 16, "blocks": 4, "hidden": [], "activation": "relu"}
 
@@ -101,3 +106,30 @@ def test_bad_settings_are_one_line_config_errors(override, key):
     with pytest.raises(ConfigError) as error:
         validate(composed("model=resmlp", "regularizer=stochastic_depth", override))
     assert error.value.key == key and "\n" not in str(error.value)
+
+
+@pytest.mark.slow  # three runs through train.py, one of them stopped by a signal
+def test_a_resumed_run_draws_the_same_drops_and_noise_as_an_uninterrupted_one(tmp_path, data_root):
+    """The draws come from the member's noise generator, which the checkpoint saves: SIGTERM, resume, same run."""
+    args = [
+        "logger=none",
+        "trainer.plots=false",
+        "trainer.save_weights=false",
+        "dataset.n_train=300",
+        "trainer.epochs=12",
+        "trainer.checkpoint_every=0",
+        "model=resmlp",
+        "model.width=32",
+        "model.blocks=3",
+        "regularizer=[stochastic_depth,noise]",
+        "regularizer.noise.hidden_sigma=0.2",
+    ]
+    interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
+    process = start_run([*args, f"hydra.run.dir={interrupted}"], tmp_path, data_root)
+    wait_for_epochs(interrupted / "metrics.jsonl", 3, process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, (out, err)
+    run_train([*args, "trainer.resume=true", f"hydra.run.dir={interrupted}"], tmp_path, data_root)
+    run_train([*args, f"hydra.run.dir={straight}"], tmp_path, data_root)
+    assert without_time(read_metrics(interrupted)) == without_time(read_metrics(straight))
