@@ -18,7 +18,7 @@ from tests.conftest import CONF
 def built(cfg: dict, shape: tuple[int, ...]):
     """The regularization and model of one job, as the loop builds them (a stack of one)."""
     regs = build_regularization([cfg["regularizer"]])
-    model = build_model(cfg["model"], Architecture(shape, 10, [0], regs.dropout_plans()))
+    model = build_model(cfg["model"], Architecture(shape, 10, [0], regs.dropout_plans(), regs.model_layers))
     return regs, model
 
 
@@ -40,19 +40,28 @@ SHAPES = {
     "cifar10": (3, 32, 32),
 }
 MODEL_FOR = {
-    "mnist1d": ["mlp", "cnn1d"],
-    "digits": ["mlp", "cnn"],
-    "mnist": ["mlp", "cnn"],
-    "fashion_mnist": ["mlp", "cnn"],
-    "cifar10": ["mlp", "cnn"],
+    "mnist1d": ["mlp", "cnn1d", "resmlp", "resnet"],
+    "digits": ["mlp", "cnn", "resmlp", "resnet"],
+    "mnist": ["mlp", "cnn", "resmlp", "resnet"],
+    "fashion_mnist": ["mlp", "cnn", "resmlp", "resnet"],
+    "cifar10": ["mlp", "cnn", "resmlp", "resnet"],
 }
 
 
 def test_groups_have_the_promised_options():
     assert set(options("dataset")) == set(SHAPES)
-    assert set(options("model")) == {"mlp", "cnn1d", "cnn"}
+    assert set(options("model")) == {"mlp", "cnn1d", "cnn", "resmlp", "resnet"}
     assert set(options("optimizer")) == {"sgd", "adam", "adamw"}
-    assert set(options("regularizer")) == {"none", "l1", "l2", "dropout", "early_stopping", "label_smoothing"}
+    assert set(options("regularizer")) == {
+        "none",
+        "l1",
+        "l2",
+        "dropout",
+        "early_stopping",
+        "label_smoothing",
+        "noise",
+        "stochastic_depth",
+    }
     assert set(options("logger")) == {"wandb", "none"}
 
 
@@ -68,7 +77,8 @@ def test_every_dataset_and_model_pair_builds(dataset):
 @pytest.mark.parametrize("regularizer", options("regularizer"))
 @pytest.mark.parametrize("optimizer", options("optimizer"))
 def test_every_regularizer_and_optimizer_builds(regularizer, optimizer):
-    cfg = composed(f"regularizer={regularizer}", f"optimizer={optimizer}")
+    model = "resmlp" if regularizer == "stochastic_depth" else "mlp"  # it drops residual blocks
+    cfg = composed(f"regularizer={regularizer}", f"optimizer={optimizer}", f"model={model}")
     if regularizer == "l2" and optimizer == "adamw":
         cfg["regularizer"]["l2"]["mode"] = (
             "decoupled"  # coupled decay is not what AdamW does: see test_schema
@@ -186,6 +196,17 @@ def test_a_conv_stack_too_deep_for_the_input_is_refused():
     cfg = composed("dataset=digits", "model=cnn", "model.channels=[8,8,8,8]")
     with pytest.raises(ConfigError, match="model.channels"):
         built(cfg, (1, 8, 8))
+
+
+def test_a_resnet_needs_an_odd_kernel_and_halves_its_input_down_to_one_at_most():
+    with pytest.raises(ConfigError, match="model.kernel_size"):
+        built(composed("model=resnet", "model.kernel_size=4"), (1, 40))
+    _, model = built(composed("dataset=digits", "model=resnet", "model.channels=[4,8,8,16,32]"), (1, 8, 8))
+    assert model(torch.zeros(1, 2, 1, 8, 8)).shape == (1, 2, 10)  # 8x8 -> 4x4 -> 2x2 -> 1x1
+    cfg = composed("model=resmlp")
+    del cfg["model"]["blocks"]
+    with pytest.raises(ConfigError, match="model.blocks"):
+        validate(cfg)
 
 
 def test_contradictory_keys_are_refused():

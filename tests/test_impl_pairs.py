@@ -69,6 +69,18 @@ def assert_pairs_match(runs: dict, rel: float = 1e-5) -> None:
             1e-5,
         ),
         (
+            "stochastic_depth",  # same draws: torch's global generator and the member's are seeded alike
+            [
+                "model=resmlp",
+                "regularizer=stochastic_depth",
+                "regularizer.stochastic_depth.p=0.5",
+                "regularizer.stochastic_depth.rule=linear,uniform",
+                "regularizer.stochastic_depth.impl=scratch,torch",
+            ],
+            2,
+            1e-5,
+        ),
+        (
             "label_smoothing",
             [
                 "regularizer=label_smoothing",

@@ -12,7 +12,8 @@ from tests.test_loop import config
 QUICK = ["trainer.epochs=4", "dataset.n_train=300", "trainer.save_weights=true"]
 
 # Jobs that differ in everything a stack lets them differ in. None of them draws random numbers beyond
-# initialization, batch order and (scratch) dropout masks, all from the member's own generators.
+# initialization, batch order and the (scratch) draws of the forward pass (dropout masks, noise, dropped blocks),
+# all from the member's own generators. A stack shares one network: each model's jobs train in a stack of their own.
 JOBS = {
     "seed0": ["trainer.seed=0"],
     "seed1": ["trainer.seed=1"],
@@ -39,6 +40,12 @@ JOBS = {
     ],
     "dropout": ["regularizer=dropout", "regularizer.dropout.p=0.5", "regularizer.dropout.max_norm=2.0"],
     "label_noise": ["dataset.label_noise=0.3", "trainer.seed=2"],
+    "noise": ["regularizer=noise", "regularizer.noise.hidden_sigma=0.2"],
+    "gaussian_dropout": [
+        "regularizer=[noise,dropout]",
+        "regularizer.noise.mode=multiplicative",
+        "regularizer.noise.hidden_sigma=0.5",
+    ],
     "everything": [
         "regularizer=[l1,l2,dropout,label_smoothing]",
         "regularizer.l1.mode=subgradient",
@@ -46,6 +53,33 @@ JOBS = {
         "regularizer.dropout.input_p=0.1",
     ],
 }
+
+
+RESIDUAL = {  # model: the jobs of its stack
+    "resmlp": {
+        "resmlp_seed0": ["trainer.seed=0"],
+        "resmlp_seed1": ["trainer.seed=1"],
+        "resmlp_stochastic_depth": ["regularizer=stochastic_depth"],
+        "resmlp_stochastic_depth_uniform": [
+            "regularizer=[stochastic_depth,noise,l2]",
+            "regularizer.stochastic_depth.rule=uniform",
+            "regularizer.noise.hidden_sigma=0.1",
+        ],
+        "resmlp_dropout": ["regularizer=[dropout,label_smoothing]", "trainer.seed=3"],
+    },
+    "resnet": {
+        "resnet_seed0": ["trainer.seed=0"],
+        "resnet_stochastic_depth": [
+            "regularizer=[stochastic_depth,dropout]",
+            "regularizer.dropout.conv_p=0.2",
+        ],
+        "resnet_noise": ["regularizer=noise", "regularizer.noise.hidden_sigma=0.2", "trainer.seed=1"],
+    },
+}
+SMALL = {"resmlp": ["model.width=32", "model.blocks=3"], "resnet": ["model.channels=[8,8,16]"]}
+for model, jobs in RESIDUAL.items():
+    JOBS.update({name: [f"model={model}", *SMALL[model], *overrides] for name, overrides in jobs.items()})
+STACKS = [[name for name in JOBS if not name.startswith(tuple(RESIDUAL))], *map(list, RESIDUAL.values())]
 
 
 def without_time(rows: list[dict]) -> list[dict]:
@@ -67,7 +101,8 @@ def alone_and_stacked(tmp_path_factory, data_root):
     tmp_path = tmp_path_factory.mktemp("stack")
     for name in JOBS:
         run(tmp_path, data_root, [name], "alone")
-    run(tmp_path, data_root, list(JOBS), "stacked")
+    for stack in STACKS:
+        run(tmp_path, data_root, stack, "stacked")
     return tmp_path
 
 
@@ -80,7 +115,8 @@ def test_a_stacked_job_equals_its_lone_run_bit_for_bit(alone_and_stacked, name):
         assert mine.keys() == theirs.keys()
         assert all(torch.equal(mine[key], theirs[key]) for key in mine)
     summary, lone = read_summary(stacked), read_summary(alone)
-    assert summary["stack"]["size"] == len(JOBS) and lone["stack"]["size"] == 1
+    stack_size = next(len(stack) for stack in STACKS if name in stack)
+    assert summary["stack"]["size"] == stack_size and lone["stack"]["size"] == 1
     varying = ("wall_time_s", "train_time_s", "stack", "run_dir")
     assert {k: v for k, v in summary.items() if k not in varying} == {
         k: v for k, v in lone.items() if k not in varying

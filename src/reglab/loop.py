@@ -77,7 +77,9 @@ class Member:
     train_time_s: float = 0.0
     wandb_id: str | None = None
     batch_generator: torch.Generator = field(default_factory=torch.Generator)  # batch order, augmentation
-    noise_generator: torch.Generator | None = None  # dropout masks (on the training device)
+    noise_generator: torch.Generator | None = (
+        None  # dropout masks, noise, depth drops (on the training device)
+    )
     best: EarlyStopping | None = None  # tracks the best val/loss epoch for best.pt, never stops training
     record: RunRecord | None = None
     summary: dict | None = None
@@ -156,7 +158,9 @@ def prepare(stack: Stack):
     stack.device = setup_process(stack.trainer, stack.members[0].seed)
     data = load_stack_data([m.cfg["dataset"] for m in stack.members])
     data = data.to(stack.device, keep_train_on_host=stack.trainer["loader"] == "dataloader")
-    regs = build_regularization([m.cfg["regularizer"] for m in stack.members])
+    regs = build_regularization(
+        [m.cfg["regularizer"] for m in stack.members], [m.seed for m in stack.members]
+    )
     for m in stack.members:
         m.batch_generator.manual_seed(m.seed)  # the batch order; a resume restores its state
         m.noise_generator = torch.Generator(stack.device).manual_seed(m.seed)
@@ -164,7 +168,11 @@ def prepare(stack: Stack):
             "val/loss"
         )  # best.pt and best_epoch when no technique selects the epoch
     arch = Architecture(
-        data.input_shape, data.num_classes, [m.seed for m in stack.members], regs.dropout_plans()
+        data.input_shape,
+        data.num_classes,
+        [m.seed for m in stack.members],
+        regs.dropout_plans(),
+        regs.model_layers,  # the layers techniques put into the network (noise, stochastic depth)
     )
     model = build_model(cfg["model"], arch, [m.noise_generator for m in stack.members]).to(stack.device)
     regs.setup(model)

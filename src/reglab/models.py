@@ -7,26 +7,33 @@ tensors: it updates each member's slice as a tensor of its own (`member_paramete
 that receive their slice of the gradient, `share_gradients`), exactly as it would update a network trained alone,
 so member k's results equal its one-by-one run bit for bit (tests/test_stack.py).
 
-The networks: an MLP, a 1-D CNN for signals and a 2-D CNN for images. Input and output sizes come from the data
-set, never from the user. Convolutions are written as unfold + batched matmul: measured here, that keeps a
-member's outputs identical whatever K is, where grouped convolutions pick other algorithms for other shapes.
-Dropout layers sit where each member's `DropoutPlan` asks (see regularizers/dropout.py).
+The networks: an MLP, a 1-D CNN for signals and a 2-D CNN for images, and their residual versions (He et al. 2016):
+a residual MLP for any data and a small ResNet for signals and images, whose blocks compute y = act(x + f(x)).
+Input and output sizes come from the data set, never from the user. Convolutions are written as unfold + batched
+matmul: measured here, that keeps a member's outputs identical whatever K is, where grouped convolutions pick other
+algorithms for other shapes. Dropout layers sit where each member's `DropoutPlan` asks (see
+regularizers/dropout.py); other techniques put layers of their own at the same sites and at the end of every
+residual branch (`Technique.model_layer`: Gaussian noise, stochastic depth).
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reglab.errors import ConfigError
+from reglab.regularizers.base import Site
 from reglab.regularizers.dropout import DropoutPlan, StackedDropout
 
-MODELS = ("mlp", "cnn1d", "cnn")
+MODELS = ("mlp", "cnn1d", "cnn", "resmlp", "resnet")
+CONV_DIMS = {"cnn1d": (1,), "cnn": (2,), "resnet": (1, 2)}  # the spatial dimensions each conv network takes
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
@@ -58,14 +65,14 @@ class StackedLinear(nn.Module):
 class StackedConv(nn.Module):
     """K convolutions (1-D or 2-D), as unfold + batched matmul: the patches of every position times the kernels.
 
-    1-D: stride 2 (each layer halves the length); 2-D: stride 1. Padding kernel_size // 2, like the CNNs before.
-    Initialized as `nn.Conv1d/2d` are by default (uniform ±1/√fan_in, fan_in = in_channels · kernel elements).
+    Default stride: 2 in 1-D (each layer halves the length), 1 in 2-D. Padding kernel_size // 2, like the CNNs
+    before. Initialized as `nn.Conv1d/2d` are by default (uniform ±1/√fan_in, fan_in = in_channels · kernel elements).
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, spatial_dims, generators):
+    def __init__(self, in_channels, out_channels, kernel_size, spatial_dims, generators, stride=None):
         super().__init__()
         self.kernel, self.spatial_dims = kernel_size, spatial_dims
-        self.stride = 2 if spatial_dims == 1 else 1
+        self.stride = stride if stride is not None else 2 if spatial_dims == 1 else 1
         shape = (out_channels, in_channels, *[kernel_size] * spatial_dims)
         self.weight, self.bias = _stacked_uniform(shape, in_channels * kernel_size**spatial_dims, generators)
 
@@ -112,6 +119,29 @@ class Flatten(nn.Module):
         return x.flatten(2)
 
 
+class GlobalAveragePool(nn.Module):
+    """[K, B, C, *spatial] -> [K, B, C]: each channel's mean over its positions."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(3).mean(3)
+
+
+class Residual(nn.Module):
+    """A residual block (He et al. 2016): y = act(shortcut(x) + branch(x)), the shortcut the identity, or a strided
+    1x1 convolution where the block changes the shape. The branch ends with the layers techniques put there
+    (stochastic depth drops the whole branch of a sample: y = act(x) for it)."""
+
+    def __init__(self, branch: list[nn.Module], activation: nn.Module, shortcut: nn.Module | None = None):
+        super().__init__()
+        self.branch = named(branch, output=False)
+        self.shortcut = shortcut
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return self.activation(identity + self.branch(x))
+
+
 @dataclass
 class Architecture:
     """What `build_model` needs beyond the config: the data's shape and classes, and one entry per member."""
@@ -120,6 +150,8 @@ class Architecture:
     num_classes: int
     seeds: list[int]  # each member's initialization seed
     dropout: list[DropoutPlan]  # each member's dropout
+    # the techniques' own layers at a site of the network, for all members (Regularization.model_layers)
+    layers: Callable[[Site, list[torch.Generator]], list[nn.Module]] | None = None
 
 
 def build_model(cfg, arch: Architecture, noise: list[torch.Generator] | None = None) -> nn.Sequential:
@@ -129,56 +161,122 @@ def build_model(cfg, arch: Architecture, noise: list[torch.Generator] | None = N
     generators = [torch.Generator().manual_seed(seed) for seed in arch.seeds]
     noise = noise if noise is not None else [torch.Generator().manual_seed(seed) for seed in arch.seeds]
     activation = ACTIVATIONS[cfg["activation"]]
-    layers = Layers(generators, noise, arch.dropout, activation)
+    layers = Layers(generators, noise, arch, activation)
     if cfg["name"] == "mlp":
         width = math.prod(arch.input_shape)
-        body = [Flatten(), *layers.dropout("input")]
+        body = [Flatten(), *layers.at("input")]
+    elif cfg["name"] == "resmlp":
+        body, width = residual_mlp_body(cfg, arch, layers)
+    elif cfg["name"] == "resnet":
+        body, width = residual_conv_body(cfg, arch, layers)
     else:
         body, width = conv_body(cfg, arch, layers)
     return named(body + layers.dense_head(width, list(cfg["hidden"]), arch.num_classes))
 
 
-def named(layers: list[nn.Module]) -> nn.Sequential:
+def named(layers: list[nn.Module], output: bool = True) -> nn.Sequential:
     """A Sequential whose weights have names that do not depend on where dropout sits: conv1, dense1, ..., output
-    (so that best.pt of a run with dropout loads into one without)."""
+    (so that best.pt of a run with dropout loads into one without); `output=False` names the last one by its kind."""
     names, counts = [], {}
     for position, layer in enumerate(layers):
         kind = {StackedConv: "conv", StackedLinear: "dense"}.get(type(layer), type(layer).__name__.lower())
         counts[kind] = counts.get(kind, 0) + 1
-        names.append("output" if position == len(layers) - 1 else f"{kind}{counts[kind]}")
+        names.append("output" if output and position == len(layers) - 1 else f"{kind}{counts[kind]}")
     return nn.Sequential(OrderedDict(zip(names, layers, strict=True)))
 
 
 class Layers:
-    """Builds layers for all members at once: their init generators, dropout plans and activation."""
+    """Builds layers for all members at once: their init generators, their noise generators (dropout masks and
+    every other random draw of a forward pass), what their techniques put into the network, and the activation."""
 
-    def __init__(self, generators, noise, plans: list[DropoutPlan], activation):
-        self.generators, self.noise, self.plans, self.activation = generators, noise, plans, activation
+    def __init__(self, generators, noise, arch: Architecture, activation):
+        self.generators, self.noise, self.arch, self.activation = generators, noise, arch, activation
 
-    def dropout(self, where: str, spatial_dims: int = 0) -> list[nn.Module]:
-        """A dropout layer at `where` (input | dense | conv) when any member drops there, else nothing."""
-        layer = StackedDropout.at(where, self.plans, self.noise, spatial_dims)
-        return [layer] if layer is not None else []
+    def at(self, where: str, spatial_dims: int = 0) -> list[nn.Module]:
+        """What the members' techniques put at `where` (input | dense | conv): dropout, then the others' layers."""
+        dropout = StackedDropout.at(where, self.arch.dropout, self.noise, spatial_dims)
+        return ([dropout] if dropout is not None else []) + self.techniques(Site(where, spatial_dims))
+
+    def branch_end(self, depth: int, blocks: int, spatial_dims: int = 0) -> list[nn.Module]:
+        """What the techniques put at the end of residual block `depth`'s branch (of `blocks`)."""
+        return self.techniques(Site("branch", spatial_dims, depth, blocks))
+
+    def techniques(self, site: Site) -> list[nn.Module]:
+        return self.arch.layers(site, self.noise) if self.arch.layers is not None else []
 
     def dense_head(self, width: int, hidden: list[int], num_classes: int) -> list[nn.Module]:
         layers: list[nn.Module] = []
         for size in hidden:
-            layers += [StackedLinear(width, size, self.generators), self.activation(), *self.dropout("dense")]
+            layers += [StackedLinear(width, size, self.generators), self.activation(), *self.at("dense")]
             width = size
         return [*layers, StackedLinear(width, num_classes, self.generators)]
 
 
-def conv_body(cfg, arch: Architecture, layers: Layers) -> tuple[list[nn.Module], int]:
-    """Conv blocks then a flatten; returns the layers and the flattened width."""
+def residual_mlp_body(cfg, arch: Architecture, layers: Layers) -> tuple[list[nn.Module], int]:
+    """Flatten, a dense layer to `width`, then `blocks` residual blocks y = act(x + W₂·act(W₁·x)) (bias terms
+    included); returns the layers and the width."""
+    width, blocks = cfg["width"], cfg["blocks"]
+    body = [Flatten(), *layers.at("input")]
+    body += [StackedLinear(math.prod(arch.input_shape), width, layers.generators), layers.activation()]
+    body += layers.at("dense")
+    for depth in range(1, blocks + 1):
+        branch = [StackedLinear(width, width, layers.generators), layers.activation(), *layers.at("dense")]
+        branch += [StackedLinear(width, width, layers.generators), *layers.branch_end(depth, blocks)]
+        body.append(Residual(branch, layers.activation()))
+    return body, width
+
+
+def residual_conv_body(cfg, arch: Architecture, layers: Layers) -> tuple[list[nn.Module], int]:
+    """A small ResNet: a stem convolution to channels[0], then one residual block per further entry of `channels`,
+    y = act(shortcut(x) + conv₂(act(conv₁(x)))), then global average pooling; returns the layers and the channels.
+
+    A block that keeps the channels keeps the size (stride 1, identity shortcut); one that changes them halves the
+    size (conv₁ and a 1x1 shortcut convolution with stride 2), down to 1 at most. The stem has the CNNs' stride
+    (2 in 1-D, 1 in 2-D)."""
+    spatial_dims = conv_dims(cfg, arch)
+    channels, kernel = list(cfg["channels"]), cfg["kernel_size"]
+    if not isinstance(kernel, int) or kernel % 2 == 0:
+        raise ConfigError(
+            "model.kernel_size", kernel, "one odd size for model=resnet (a block keeps the size it is given)"
+        )
+    stem = StackedConv(arch.input_shape[0], channels[0], kernel, spatial_dims, layers.generators)
+    body = [*layers.at("input"), stem, layers.activation(), *layers.at("conv", spatial_dims)]
+    blocks = len(channels) - 1
+    for depth, (c_in, c_out) in enumerate(pairwise(channels), start=1):
+        stride = 1 if c_in == c_out else 2
+        branch = [
+            StackedConv(c_in, c_out, kernel, spatial_dims, layers.generators, stride),
+            layers.activation(),
+        ]
+        branch += layers.at("conv", spatial_dims)
+        branch += [StackedConv(c_out, c_out, kernel, spatial_dims, layers.generators, stride=1)]
+        branch += layers.branch_end(depth, blocks, spatial_dims)
+        shortcut = (
+            StackedConv(c_in, c_out, 1, spatial_dims, layers.generators, stride) if stride > 1 else None
+        )
+        body.append(Residual(branch, layers.activation(), shortcut))
+    return [*body, GlobalAveragePool()], channels[-1]
+
+
+def conv_dims(cfg, arch: Architecture) -> int:
+    """The spatial dimensions of the data (1 or 2), checked against what the conv network `cfg` names takes."""
     spatial_dims = len(arch.input_shape) - 1
-    wanted = {"cnn1d": 1, "cnn": 2}.get(cfg["name"])
+    wanted = CONV_DIMS.get(cfg["name"])
     if wanted is None:
         raise ConfigError("model", cfg["name"], f"one of {', '.join(MODELS)}")
-    if spatial_dims != wanted:
+    if spatial_dims not in wanted:
         kind = "1-D signals (model=cnn1d)" if spatial_dims == 1 else "2-D images (model=cnn)"
         raise ConfigError(
-            "model", cfg["name"], f"this data set holds {kind}; model=mlp works with any data set"
+            "model",
+            cfg["name"],
+            f"this data set holds {kind}; model=mlp and model=resmlp work with any data set",
         )
+    return spatial_dims
+
+
+def conv_body(cfg, arch: Architecture, layers: Layers) -> tuple[list[nn.Module], int]:
+    """Conv blocks then a flatten; returns the layers and the flattened width."""
+    spatial_dims = conv_dims(cfg, arch)
     channels = list(cfg["channels"])
     kernel_size = cfg["kernel_size"]
     sizes = [kernel_size] * len(channels) if isinstance(kernel_size, int) else list(kernel_size)
@@ -186,7 +284,7 @@ def conv_body(cfg, arch: Architecture, layers: Layers) -> tuple[list[nn.Module],
         raise ConfigError(
             "model.kernel_size", kernel_size, f"one size, or one per layer ({len(channels)} layers)"
         )
-    body: list[nn.Module] = [*layers.dropout("input")]
+    body: list[nn.Module] = [*layers.at("input")]
     size = list(arch.input_shape[1:])
     in_channels = arch.input_shape[0]
     for out_channels, kernel in zip(channels, sizes, strict=True):
@@ -196,7 +294,7 @@ def conv_body(cfg, arch: Architecture, layers: Layers) -> tuple[list[nn.Module],
         if spatial_dims == 2:
             body.append(PerSample(nn.MaxPool2d(2)))
             size = [s // 2 for s in size]
-        body += layers.dropout("conv", spatial_dims)
+        body += layers.at("conv", spatial_dims)
         in_channels = out_channels
         if min(size) < 1:
             raise ConfigError(

@@ -45,11 +45,13 @@ SCHEMA: dict[str, Mapping] = {
         "download": boolean(),
     },
     "model": {
-        "name": choice("mlp", "cnn1d", "cnn"),
+        "name": choice("mlp", "cnn1d", "cnn", "resmlp", "resnet"),
         "hidden": int_list(1),
         "activation": ACTIVATION,
         "channels": int_list(1),
         "kernel_size": either(integer(1), int_list(1)),
+        "width": integer(1),
+        "blocks": integer(1),
     },
     "optimizer": {
         "name": choice("sgd", "adam", "adamw"),
@@ -138,6 +140,8 @@ REQUIRED = {
 REQUIRED_BY_OPTION = {
     ("model", "cnn1d"): ("channels", "kernel_size"),
     ("model", "cnn"): ("channels", "kernel_size"),
+    ("model", "resnet"): ("channels", "kernel_size"),
+    ("model", "resmlp"): ("width", "blocks"),
     ("optimizer", "sgd"): ("momentum", "nesterov"),
     ("optimizer", "adam"): ("betas", "eps"),
     ("optimizer", "adamw"): ("betas", "eps"),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reglab.errors import ConfigError
-from reglab.regularizers.base import Technique
+from reglab.regularizers.base import Site, Technique
 from reglab.regularizers.dropout import DropoutPlan
 
 if TYPE_CHECKING:
@@ -58,6 +58,10 @@ class Regularization:
                 next((p for t in self.techniques if (p := t.dropout_plan(k)) is not None), DropoutPlan())
             )
         return plans
+
+    def model_layers(self, site: Site, generators: list[torch.Generator]) -> list[nn.Module]:
+        """The techniques' own layers at `site` of the network (models.py asks at every site), in hook order."""
+        return [layer for t in self.techniques if (layer := t.model_layer(site, generators)) is not None]
 
     def setup(self, model: nn.Module) -> None:
         for t in self.techniques:
@@ -118,15 +122,16 @@ class Regularization:
             t.load_state_dict(member, state.get(t.name, {}))
 
 
-def build_regularization(nodes: list[dict]) -> Regularization:
-    """One `Technique` per technique that any member's `regularizer` config node names, in hook order."""
+def build_regularization(nodes: list[dict], seeds: list[int] | None = None) -> Regularization:
+    """One `Technique` per technique that any member's `regularizer` config node names, in hook order; `seeds`
+    are the members' trainer.seed values."""
     classes = technique_classes()
     for node in nodes:
         unknown = [name for name in node if name not in classes]
         if unknown:
             raise ConfigError("regularizer", unknown[0], f"one of {', '.join(classes)}")
     techniques = [
-        cls([dict(node[name]) if name in node else None for node in nodes])
+        cls([dict(node[name]) if name in node else None for node in nodes], seeds)
         for name, cls in classes.items()
         if any(name in node for node in nodes)
     ]

@@ -12,6 +12,7 @@ that is off is that member's zero strength, and leaves its arithmetic untouched)
 it needs:
 
     model        dropout_plan(k)       where member k's dropout layers go                 (dropout)
+                 model_layer(site, g)  a stacked layer of its own at a site of the network (noise, stochastic depth)
     loss         data_loss(...)        the per-member data loss                           (label smoothing)
                  penalty()             per-member penalty added to it                     (L1, L2)
     optimizer    optimizer_groups(k)   member k's parameters with settings of their own   (L2 impl=torch: weight_decay)
@@ -27,8 +28,10 @@ it needs:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -54,8 +57,11 @@ class Technique:
         """Rules across keys (or with the rest of the config), raising ConfigError; each key alone is checked
         against `keys` first."""
 
-    def __init__(self, settings: list[dict | None]):
+    def __init__(self, settings: list[dict | None], seeds: list[int] | None = None):
         self.settings = settings
+        # each member's trainer.seed: a technique that draws random numbers seeds a generator per member from it
+        # (and saves its state in `state_dict`), so that a stacked member draws exactly what it would alone
+        self.seeds = seeds if seeds is not None else [0] * len(settings)
 
     def members(self) -> list[int]:
         """The members that use this technique (and have not finished training)."""
@@ -69,6 +75,12 @@ class Technique:
         """Called once the model exists (e.g. to pick the parameters to regularize)."""
 
     def dropout_plan(self, member: int) -> DropoutPlan | None:
+        return None
+
+    def model_layer(self, site: Site, generators: list[torch.Generator]) -> nn.Module | None:
+        """A layer of this technique's own at `site` of the network, for all members at once ([K, B, ...] in and
+        out; usually a `MemberLayer`), drawing member k's random numbers from `generators[k]` (its noise generator,
+        which checkpoints save); None when no member wants one there. models.py asks at every site as it builds."""
         return None
 
     def data_loss(self, logits: Tensor, y: Tensor, loss: Tensor) -> Tensor:
@@ -107,3 +119,40 @@ class Technique:
         return {}
 
     def load_state_dict(self, member: int, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place in the network where a technique may put a layer of its own (`Technique.model_layer`)."""
+
+    where: str  # input | dense (after a hidden dense layer's activation) | conv (after a conv layer's activation)
+    #             | branch (the end of a residual branch, before it joins its shortcut)
+    spatial_dims: int = 0  # of the activations there: 0 for features, 1 for signals, 2 for images
+    depth: int = 0  # branch: which residual block, 1..blocks from the input
+    blocks: int = 0  # branch: how many residual blocks the network has
+
+
+class MemberLayer(nn.Module):
+    """A technique's layer in the stacked model: member k's slice [B, ...] goes through `member_forward` with member
+    k's setting and its own generator, so a member draws exactly what it would alone. Members without a setting
+    (None) pass through untouched, and so does every member in eval mode: these layers act during training only."""
+
+    def __init__(self, settings: list, generators: list[torch.Generator]):
+        super().__init__()
+        self.settings, self.generators = settings, generators
+
+    def member_forward(self, x: Tensor, setting, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        return torch.stack(
+            [
+                x[k] if s is None else self.member_forward(x[k], s, self.generators[k])
+                for k, s in enumerate(self.settings)
+            ]
+        )
+
+    def extra_repr(self) -> str:
+        return f"settings={self.settings}"

@@ -287,8 +287,8 @@ class EarlyStoppingTechnique(Technique):
             f"{'minimized' if minimizing else 'maximized'} (otherwise every score stops training at once)",
         )
 
-    def __init__(self, settings):
-        super().__init__(settings)
+    def __init__(self, settings, seeds=None):
+        super().__init__(settings, seeds)
         self.stoppers = {k: EarlyStopping(**s) for k, s in enumerate(settings) if s is not None}
 
     def end_epoch(self, member, metrics, epoch, model):
