@@ -86,9 +86,8 @@ def train_members(members: dict, max_stack: int, sweep_dir: str) -> dict[int, fl
     for line in apart:
         print(f"[reglab] {line}")
     for member in members.values():
-        resume_when_requeued(
-            member.cfg["trainer"], member.run_dir
-        )  # a requeued SLURM job continues by itself
+        # a requeued SLURM job continues by itself
+        resume_when_requeued(member.cfg["trainer"], member.run_dir)
     gc.collect()
     gc.freeze()
     objectives = {}

@@ -77,15 +77,13 @@ class Member:
     train_time_s: float = 0.0
     wandb_id: str | None = None
     batch_generator: torch.Generator = field(default_factory=torch.Generator)  # batch order, augmentation
-    noise_generator: torch.Generator | None = (
-        None  # dropout masks, noise, depth drops (on the training device)
-    )
+    # dropout masks, noise, depth drops (on the training device)
+    noise_generator: torch.Generator | None = None
     best: EarlyStopping | None = None  # tracks the best val/loss epoch for best.pt, never stops training
     record: RunRecord | None = None
     summary: dict | None = None
-    ran: dict = field(
-        default_factory=dict
-    )  # what actually trains: optimizer class and settings, techniques in words
+    # what actually trains: optimizer class and settings, techniques in words
+    ran: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)  # wall_time_s counts from here
 
     @property
@@ -164,9 +162,8 @@ def prepare(stack: Stack):
     for m in stack.members:
         m.batch_generator.manual_seed(m.seed)  # the batch order; a resume restores its state
         m.noise_generator = torch.Generator(stack.device).manual_seed(m.seed)
-        m.best = EarlyStopping.tracker(
-            "val/loss"
-        )  # best.pt and best_epoch when no technique selects the epoch
+        # best.pt and best_epoch when no technique selects the epoch
+        m.best = EarlyStopping.tracker("val/loss")
     arch = Architecture(
         data.input_shape,
         data.num_classes,
