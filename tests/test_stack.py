@@ -12,7 +12,7 @@ from tests.test_loop import config
 QUICK = ["trainer.epochs=4", "dataset.n_train=300", "trainer.save_weights=true"]
 
 # Jobs that differ in everything a stack lets them differ in. None of them draws random numbers beyond
-# initialization, batch order and (scratch) dropout masks, all from the member's own generators.
+# initialization, batch order, (scratch) dropout masks and mixup/cutmix draws, all from the member's own generators.
 JOBS = {
     "seed0": ["trainer.seed=0"],
     "seed1": ["trainer.seed=1"],
@@ -38,6 +38,14 @@ JOBS = {
         "regularizer.early_stopping.mode=max",
     ],
     "dropout": ["regularizer=dropout", "regularizer.dropout.p=0.5", "regularizer.dropout.max_norm=2.0"],
+    "mixup": ["regularizer=mixup", "regularizer.mixup.alpha=0.4"],
+    "mixup_torch": ["regularizer=mixup", "regularizer.mixup.impl=torch"],
+    "cutmix": ["regularizer=cutmix"],
+    "smoothed_then_mixed": [
+        "regularizer=[label_smoothing,mixup,cutmix]",
+        "regularizer.label_smoothing.impl=torch",
+        "regularizer.mixup.alpha=1",
+    ],
     "label_noise": ["dataset.label_noise=0.3", "trainer.seed=2"],
     "everything": [
         "regularizer=[l1,l2,dropout,label_smoothing]",
