@@ -25,6 +25,8 @@ GRID_SIZES = {  # jobs per preset: the product of its sweep values, seeds includ
     "early_stopping": 6,
     "small_data": 30,
     "dropout_conv": 18,
+    "mixup_accuracy": 9,
+    "mixup_calibration": 12,
 }
 
 

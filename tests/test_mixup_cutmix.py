@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from reglab import reproduce
 from reglab.errors import ConfigError
 from reglab.loop import Job, train
 from reglab.preemption import Interrupted
@@ -237,3 +238,22 @@ def test_an_interrupted_run_resumes_exactly(tmp_path, data_root, monkeypatch):
     )
     assert all(torch.equal(resumed[key], straight[key]) for key in straight)
     assert read_summary(tmp_path / "resumed")["test/acc"] == read_summary(tmp_path / "straight")["test/acc"]
+
+
+def test_the_findings_judge_accuracy_on_the_cnn_and_calibration_over_alpha():
+    def job(regularizers, acc, ece, alpha=None):
+        hparams = {} if alpha is None else {"regularizer.mixup.alpha": alpha}
+        return {"regularizers": regularizers, "hparams": hparams, "test/acc": acc, "test/ece": ece}
+
+    cnn = [job([], 0.90, 0.08), job(["mixup"], 0.94, 0.07), job(["cutmix"], 0.905, 0.2)]
+    mlp = [
+        job(["mixup"], 0.62, ece, alpha) for alpha, ece in ((0, 0.31), (0.2, 0.12), (0.4, 0.09), (1, 0.05))
+    ]
+    results = {"mixup_accuracy": cnn, "mixup_calibration": mlp}
+    accuracy = reproduce.mixup_accuracy(results)
+    assert not accuracy.holds  # cutmix gains only half a point
+    assert "α=0.2 62.0" in accuracy.note  # the MLP's accuracies, read from the calibration sweep
+    assert reproduce.mixup_accuracy({**results, "mixup_accuracy": [*cnn, job(["cutmix"], 0.93, 0.2)]}).holds
+    assert reproduce.mixup_calibration(results).holds
+    mlp[2]["test/ece"] = 0.4
+    assert not reproduce.mixup_calibration(results).holds
