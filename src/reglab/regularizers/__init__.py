@@ -3,8 +3,8 @@
 Each technique lives in its own module (dropout, l1_l2, early_stopping, label_smoothing, ...) with a from-scratch
 and a built-in version side by side, and declares itself there (base.py: its name, keys and strength, and the hooks
 it uses). This file is only the glue: it finds the techniques (`technique_classes`) and fans every hook out over
-those a stack uses (`Regularization`), so `regularizer=[l2,dropout,label_smoothing,mixup]` needs no special case anywhere,
-and the loop never names a technique. No global state: everything lives on these objects.
+those a stack uses (`Regularization`), so `regularizer=[l2,dropout,label_smoothing,mixup]` needs no special case
+anywhere, and the loop never names a technique. No global state: everything lives on these objects.
 """
 
 from __future__ import annotations

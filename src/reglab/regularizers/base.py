@@ -12,10 +12,9 @@ that is off is that member's zero strength, and leaves its arithmetic untouched)
 it needs:
 
     model        dropout_plan(k)       where member k's dropout layers go                 (dropout)
-    batch        batch(x, targets)     member k's inputs and targets before the forward   (label smoothing, mixup,
-                                       pass, changed by each technique in turn             cutmix)
-    loss         data_loss(...)        a term added to the per-member data loss           (the README's logit
-                                                                                            squeezing)
+    batch        batch(x, targets)     member k's inputs and targets for the forward      (label smoothing,
+                                       pass, changed by each technique in turn            mixup, cutmix)
+    loss         data_loss(...)        a term added to the per-member data loss           (the README's example)
                  penalty()             per-member penalty added to it                     (L1, L2)
     optimizer    optimizer_groups(k)   member k's parameters with settings of their own   (L2 impl=torch: weight_decay)
     step         before_step(lrs)      between backward and optimizer.step                (L2 coupled/decoupled scratch)
@@ -25,7 +24,7 @@ it needs:
                  final_metrics(k, ...) test metrics of its own                            (MC dropout)
     record       describe(k)           what it does to member k, in words                 (L1, L2)
     resume       state_dict(k)         what a checkpoint must keep to continue exactly    (early stopping,
-                                                                                            mixup's generators)
+                                                                                          mixup's generators)
 
 The targets compose: the loop builds a `Targets` per batch (every member's target one-hot of its labels), the
 `batch` hooks run in `order` (label smoothing, order 50, smooths; mixup and cutmix, order 60, mix the inputs and
