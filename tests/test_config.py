@@ -61,6 +61,8 @@ def test_groups_have_the_promised_options():
         "label_smoothing",
         "noise",
         "stochastic_depth",
+        "mixup",
+        "cutmix",
     }
     assert set(options("logger")) == {"wandb", "none"}
 

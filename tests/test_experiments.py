@@ -27,6 +27,8 @@ GRID_SIZES = {  # jobs per preset: the product of its sweep values, seeds includ
     "dropout_conv": 18,
     "noise": 12,
     "stochastic_depth": 6,
+    "mixup_accuracy": 9,
+    "mixup_calibration": 12,
 }
 
 

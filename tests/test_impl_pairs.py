@@ -90,6 +90,23 @@ def assert_pairs_match(runs: dict, rel: float = 1e-5) -> None:
             1,
             1e-4,
         ),
+        (  # the same draws in both (each member's generator), so the same mixed batches
+            "mixup",
+            ["regularizer=mixup", "regularizer.mixup.alpha=0.4", "regularizer.mixup.impl=scratch,torch"],
+            1,
+            1e-5,
+        ),
+        (
+            "cutmix",
+            [
+                "dataset=digits",  # images: torchvision's CutMix cuts 2-D boxes only
+                "regularizer=cutmix",
+                "regularizer.cutmix.alpha=1",
+                "regularizer.cutmix.impl=scratch,torch",
+            ],
+            1,
+            1e-5,
+        ),
     ],
 )
 def test_every_mode_scratch_equals_torch(tmp_path, data_root, name, args, settings, rel):

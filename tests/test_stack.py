@@ -12,8 +12,9 @@ from tests.test_loop import config
 QUICK = ["trainer.epochs=4", "dataset.n_train=300", "trainer.save_weights=true"]
 
 # Jobs that differ in everything a stack lets them differ in. None of them draws random numbers beyond
-# initialization, batch order and the (scratch) draws of the forward pass (dropout masks, noise, dropped blocks),
-# all from the member's own generators. A stack shares one network: each model's jobs train in a stack of their own.
+# initialization, batch order, the (scratch) draws of the forward pass (dropout masks, noise, dropped blocks) and
+# mixup/cutmix draws, all from the member's own generators. A stack shares one network: each model's jobs train in a
+# stack of their own.
 JOBS = {
     "seed0": ["trainer.seed=0"],
     "seed1": ["trainer.seed=1"],
@@ -39,6 +40,14 @@ JOBS = {
         "regularizer.early_stopping.mode=max",
     ],
     "dropout": ["regularizer=dropout", "regularizer.dropout.p=0.5", "regularizer.dropout.max_norm=2.0"],
+    "mixup": ["regularizer=mixup", "regularizer.mixup.alpha=0.4"],
+    "mixup_torch": ["regularizer=mixup", "regularizer.mixup.impl=torch"],
+    "cutmix": ["regularizer=cutmix"],
+    "smoothed_then_mixed": [
+        "regularizer=[label_smoothing,mixup,cutmix]",
+        "regularizer.label_smoothing.impl=torch",
+        "regularizer.mixup.alpha=1",
+    ],
     "label_noise": ["dataset.label_noise=0.3", "trainer.seed=2"],
     "noise": ["regularizer=noise", "regularizer.noise.hidden_sigma=0.2"],
     "gaussian_dropout": [

@@ -45,6 +45,7 @@ from reglab.models import (
 )
 from reglab.preemption import Interrupted, stop_on_signals
 from reglab.regularizers import Regularization, build_regularization
+from reglab.regularizers.base import Targets
 from reglab.regularizers.early_stopping import EarlyStopping
 from reglab.tracking import RunRecord, resolve_wandb_mode, start_wandb, write_summary
 
@@ -408,7 +409,8 @@ def scheduled_lr(initial_lr: float, epoch: int, epochs: int, schedule: str) -> f
 
 
 def shuffled_batches(data: DataSplits, stack: Stack):
-    """Mini-batches [K, B, ...] in a fresh random order per member and epoch, each from the member's own generator.
+    """Mini-batches (inputs [K, B, ...], targets) in a fresh random order per member and epoch, each from the
+    member's own generator.
 
     Default (`trainer.loader=tensors`): the data stay on the device and a batch is one indexing operation, no
     workers. `trainer.loader=dataloader` draws the very same batches through a DataLoader (worker processes, pinned
@@ -429,7 +431,7 @@ def shuffled_batches(data: DataSplits, stack: Stack):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if stack.members[0].cfg["dataset"]["augment"]:
             x = torch.stack([shift_and_flip(x[k], m.batch_generator) for k, m in enumerate(stack.members)])
-        yield x, y
+        yield x, Targets(y, data.num_classes)  # each member's one-hot labels, until a technique changes them
 
 
 def loader_batches(data: DataSplits, orders: Tensor, trainer: dict, device):
@@ -470,10 +472,11 @@ def train_one_epoch(
     model.train()
     training = [k for k, _ in stack.running()]
     data_losses, penalties = [], []
-    for x, y in batches:
+    for x, targets in batches:
+        x = regs.batch(x, targets)  # label smoothing smooths targets; mixup, cutmix mix inputs and targets
         with precision:
             logits = model(x)
-            data_loss = regs.data_loss(logits.float(), y)  # [K]
+            data_loss = regs.data_loss(logits.float(), targets)  # [K]
         penalty = regs.penalty()
         loss = data_loss if penalty is None else data_loss + penalty
         # the members are independent: the gradient of the sum for member k's weights is that of its own loss

@@ -3,8 +3,8 @@
 Each technique lives in its own module (dropout, l1_l2, early_stopping, label_smoothing, ...) with a from-scratch
 and a built-in version side by side, and declares itself there (base.py: its name, keys and strength, and the hooks
 it uses). This file is only the glue: it finds the techniques (`technique_classes`) and fans every hook out over
-those a stack uses (`Regularization`), so `regularizer=[l2,dropout,label_smoothing]` needs no special case anywhere,
-and the loop never names a technique. No global state: everything lives on these objects.
+those a stack uses (`Regularization`), so `regularizer=[l2,dropout,label_smoothing,mixup]` needs no special case
+anywhere, and the loop never names a technique. No global state: everything lives on these objects.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from functools import cache
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reglab.errors import ConfigError
-from reglab.regularizers.base import Site, Technique
+from reglab.regularizers.base import Site, Targets, Technique
 from reglab.regularizers.dropout import DropoutPlan
 
 if TYPE_CHECKING:
@@ -70,14 +69,18 @@ class Regularization:
     def optimizer_groups(self, member: int) -> list[tuple[list[Tensor], dict]]:
         return [group for t in self.techniques for group in t.optimizer_groups(member)]
 
-    def data_loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        """Each member's mean cross-entropy over its batch [K], then whatever the techniques make of it."""
-        members, batch = y.shape
-        loss = (
-            F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(members, batch).mean(1)
-        )
+    def batch(self, x: Tensor, targets: Targets) -> Tensor:
+        """The inputs the model sees; each technique in turn may change members' inputs and targets."""
         for t in self.techniques:
-            loss = t.data_loss(logits, y, loss)
+            x = t.batch(x, targets)
+        return x
+
+    def data_loss(self, logits: Tensor, targets: Targets) -> Tensor:
+        """Each member's mean cross-entropy over its batch [K] against its targets, then whatever the techniques
+        add to it."""
+        loss = targets.cross_entropy(logits)
+        for t in self.techniques:
+            loss = t.data_loss(logits, targets.labels, loss)
         return loss
 
     def penalty(self) -> Tensor | None:

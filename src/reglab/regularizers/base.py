@@ -13,7 +13,9 @@ it needs:
 
     model        dropout_plan(k)       where member k's dropout layers go                 (dropout)
                  model_layer(site, g)  a stacked layer of its own at a site of the network (noise, stochastic depth)
-    loss         data_loss(...)        the per-member data loss                           (label smoothing)
+    batch        batch(x, targets)     member k's inputs and targets for the forward      (label smoothing,
+                                       pass, changed by each technique in turn            mixup, cutmix)
+    loss         data_loss(...)        a term added to the per-member data loss           (the README's example)
                  penalty()             per-member penalty added to it                     (L1, L2)
     optimizer    optimizer_groups(k)   member k's parameters with settings of their own   (L2 impl=torch: weight_decay)
     step         before_step(lrs)      between backward and optimizer.step                (L2 coupled/decoupled scratch)
@@ -22,7 +24,14 @@ it needs:
     training end selection(k)          which epoch member k keeps, and its weights        (early stopping)
                  final_metrics(k, ...) test metrics of its own                            (MC dropout)
     record       describe(k)           what it does to member k, in words                 (L1, L2)
-    resume       state_dict(k)         what a checkpoint must keep to continue exactly    (early stopping)
+    resume       state_dict(k)         what a checkpoint must keep to continue exactly    (early stopping,
+                                                                                          mixup's generators)
+
+The targets compose: the loop builds a `Targets` per batch (every member's target one-hot of its labels), the
+`batch` hooks run in `order` (label smoothing, order 50, smooths; mixup and cutmix, order 60, mix the inputs and
+the targets so far with the same pairing and λ: smoothed targets, then mixed), and the data loss is the
+cross-entropy against whatever targets each member ends with (`Targets.cross_entropy`). A member whose targets no
+technique touched keeps exactly the plain `F.cross_entropy` of the labels.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -83,8 +93,14 @@ class Technique:
         which checkpoints save); None when no member wants one there. models.py asks at every site as it builds."""
         return None
 
+    def batch(self, x: Tensor, targets: Targets) -> Tensor:
+        """The batch [K, B, ...] the model will see; may change member k's inputs and (through `targets`) its
+        targets, e.g. mix both. Leave the members it does not use untouched."""
+        return x
+
     def data_loss(self, logits: Tensor, y: Tensor, loss: Tensor) -> Tensor:
-        """Per-member data loss [K] from logits [K, B, C] and labels [K, B], given the loss so far."""
+        """Per-member data loss [K] from logits [K, B, C] and labels [K, B], given the loss so far (the
+        cross-entropy against each member's targets, see `Targets`)."""
         return loss
 
     def penalty(self) -> Tensor | None:
@@ -156,3 +172,61 @@ class MemberLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"settings={self.settings}"
+
+
+class Targets:
+    """Every member's training targets for one batch: built by the loop, changed by the `batch` hooks in turn, read
+    by the data loss.
+
+    Member k's target is one-hot(labels[k]) until a technique sets a distribution q [B, C] instead (`distribution`,
+    `replace`). Label smoothing's built-in version (impl=torch) leaves its ε to `F.cross_entropy(label_smoothing=ε)`
+    (`smooth_in_loss`); that smoothing, q -> (1-ε)·q + ε/C, commutes with every convex mix of targets (a mix's
+    weights sum to 1), so targets mixed after it come out as if smoothed first. The loss per member:
+
+        targets untouched      F.cross_entropy(z, y)                      (batched over the members, as ever)
+        ε in the loss only     F.cross_entropy(z, y, label_smoothing=ε)
+        a distribution q       -mean_b Σ_c q_bc·log softmax(z_b)_c        (soft_cross_entropy)
+        q and ε in the loss    F.cross_entropy(z, q, label_smoothing=ε)
+    """
+
+    def __init__(self, labels: Tensor, num_classes: int):
+        self.labels, self.num_classes = labels, num_classes  # labels [K, B]
+        self.soft: dict[int, Tensor] = {}  # member -> q [B, C], where a technique changed the targets
+        self.loss_smoothing: dict[int, float] = {}  # member -> ε that F.cross_entropy applies
+
+    def distribution(self, member: int) -> Tensor:
+        """Member k's targets so far as a distribution [B, C] (without an ε left to the loss)."""
+        if member in self.soft:
+            return self.soft[member]
+        return F.one_hot(self.labels[member], self.num_classes).float()
+
+    def replace(self, member: int, q: Tensor) -> None:
+        self.soft[member] = q
+
+    def smooth_in_loss(self, member: int, eps: float) -> None:
+        self.loss_smoothing[member] = eps
+
+    def cross_entropy(self, logits: Tensor) -> Tensor:
+        """Each member's mean cross-entropy over its batch [K] against its targets, from logits [K, B, C]."""
+        members, batch = self.labels.shape
+        loss = F.cross_entropy(logits.flatten(0, 1), self.labels.flatten(), reduction="none")
+        loss = loss.view(members, batch).mean(1)
+        changed = sorted(self.soft.keys() | self.loss_smoothing.keys())
+        if not changed:
+            return loss
+        per_member = list(loss.unbind())
+        for k in changed:
+            per_member[k] = self._member_loss(logits[k], k)
+        return torch.stack(per_member)
+
+    def _member_loss(self, logits: Tensor, member: int) -> Tensor:
+        eps = self.loss_smoothing.get(member)
+        target = self.soft.get(member, self.labels[member])
+        if eps is not None:
+            return F.cross_entropy(logits, target, label_smoothing=eps)
+        return soft_cross_entropy(logits, target)
+
+
+def soft_cross_entropy(logits: Tensor, q: Tensor) -> Tensor:
+    """-mean_b Σ_c q_bc·log p_bc with log p = log_softmax(z): cross-entropy against target distributions q [B, C]."""
+    return -(q * torch.log_softmax(logits, dim=-1)).sum(-1).mean()

@@ -86,7 +86,13 @@ def label_smoothing_cross_entropy(
 
 
 class LabelSmoothing(Technique):
-    """Soft targets in the data loss, per member: ε and the variant; members without it keep plain cross-entropy."""
+    """Soft targets, per member: ε and the variant; members without it keep plain cross-entropy.
+
+    In training the smoothing acts on the member's targets (the `batch` hook, before mixup or cutmix mix them):
+    scratch replaces the targets q by w_true·q + w_all (the affine map above; for one-hot q the smoothed target)
+    and the loss is the soft-target cross-entropy -Σ_k q_k log p_k; torch leaves ε to
+    ``F.cross_entropy(label_smoothing=ε)``, exactly the built-in call when nothing else changes the targets.
+    """
 
     name = "label_smoothing"
     keys = {"eps": number(0, 1), "variant": choice(*VARIANTS), "impl": IMPL}
@@ -102,12 +108,19 @@ class LabelSmoothing(Technique):
                 "uniform with impl=torch (PyTorch's only one)",
             )
 
-    def data_loss(self, logits, y, loss):
-        smoothed = list(loss.unbind())
+    def batch(self, x, targets):
         for k in self.members():
             s = self.settings[k]
             if s["impl"] == "torch":
-                smoothed[k] = F.cross_entropy(logits[k], y[k], label_smoothing=s["eps"])
+                targets.smooth_in_loss(k, s["eps"])  # F.cross_entropy(label_smoothing=ε)
             else:
-                smoothed[k] = label_smoothing_cross_entropy(logits[k], y[k], s["eps"], variant=s["variant"])
-        return torch.stack(smoothed)
+                w_true, w_all = _true_and_uniform_weights(s["eps"], s["variant"], targets.num_classes)
+                targets.replace(k, w_true * targets.distribution(k) + w_all)
+        return x
+
+    def describe(self, member):
+        s = self.settings[member]
+        return s and (
+            f"label smoothing ε={s['eps']:g} ({s['variant']}, {s['impl']}): targets "
+            + ("(1-ε)·q + ε/K" if s["variant"] == "uniform" else "(1-ε-a)·q + a, a = ε/(K-1)")
+        )
