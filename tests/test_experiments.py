@@ -25,6 +25,9 @@ GRID_SIZES = {  # jobs per preset: the product of its sweep values, seeds includ
     "early_stopping": 6,
     "small_data": 30,
     "dropout_conv": 18,
+    "weight_averaging": 12,
+    "sam": 12,
+    "spectral_norm": 6,
 }
 
 

@@ -475,9 +475,8 @@ def train_one_epoch(
     for x, y in batches:
         noise = noise_states(stack) if regs.second_pass else None
         data_loss, penalty = forward_backward(model, x, y, regs, precision, training)
-        if (
-            noise is not None
-        ):  # a technique may take the gradient again at moved weights (SAM): same batch and masks
+        if noise is not None:
+            # a technique may take the gradient again at moved weights (SAM): the same batch, the same masks
             regs.refine_gradients(partial(replay, noise, stack, model, x, y, regs, precision, training))
         regs.before_step(lrs)
         optimizer.step()

@@ -11,23 +11,24 @@ setting per member: the member's config node, or None where that member does not
 that is off is that member's zero strength, and leaves its arithmetic untouched). A technique overrides the hooks
 it needs:
 
-    model        dropout_plan(k)       where member k's dropout layers go                 (dropout)
-                 setup(model)          once the model exists: e.g. a weight transform     (spectral norm)
-    loss         data_loss(...)        the per-member data loss                           (label smoothing)
-                 penalty()             per-member penalty added to it                     (L1, L2)
-    optimizer    optimizer_groups(k)   member k's parameters with settings of their own   (L2 impl=torch: weight_decay)
-                 group_settings(k)     settings of all member k's groups                  (SWA: its lr schedule)
-                 learning_rate(g, plan) a group's rate for its next epoch, or None         (SWA: SWALR's annealing)
-    step         refine_gradients(f)   after backward: f() re-runs the batch's forward    (SAM: the gradient at
-                                       and backward (same dropout masks) at moved weights  w + ρ·g/‖g‖)
-                 before_step(lrs)      between backward and optimizer.step                (L2 coupled/decoupled scratch)
-                 after_step(lrs)       after optimizer.step                               (proximal L1, max-norm)
-    epoch end    end_epoch(k, ...)     may stop member k                                  (early stopping)
-    training end selection(k)          which epoch member k keeps, and its weights        (early stopping)
-                 final_weights(k)      the weights member k is evaluated with instead     (SWA, EMA: the average)
-                 final_metrics(k, ...) test metrics of its own                            (MC dropout)
-    record       describe(k)           what it does to member k, in words                 (L1, L2)
-    resume       state_dict(k)         what a checkpoint must keep to continue exactly    (early stopping)
+    model        dropout_plan(k)        where member k's dropout layers go                 (dropout)
+                 setup(model)           once the model exists: e.g. a weight transform     (spectral norm)
+    loss         data_loss(...)         the per-member data loss                           (label smoothing)
+                 penalty()              per-member penalty added to it                     (L1, L2)
+    optimizer    optimizer_groups(k)    member k's parameters with settings of their own   (L2 impl=torch)
+                 group_settings(k)      settings of all of member k's optimizer groups     (SWA: its lr schedule)
+                 learning_rate(g, plan) a group's rate for its next epoch, or None         (SWA: SWALR's rates)
+    step         refine_gradients(f)    after backward: f() re-runs the batch's forward    (SAM: the gradient
+                                        and backward (same dropout masks) at moved weights  at w + ρ·g/‖g‖)
+                 before_step(lrs)       between backward and optimizer.step                (L2 coupled/decoupled)
+                 after_step(lrs)        after optimizer.step                               (proximal L1, max-norm,
+                                                                                            EMA, spectral norm)
+    epoch end    end_epoch(k, ...)      may stop member k                                  (early stopping, SWA)
+    training end selection(k)           which epoch member k keeps, and its weights        (early stopping)
+                 final_weights(k)       the weights member k is evaluated with instead     (SWA, EMA: the average)
+                 final_metrics(k, ...)  test metrics of its own                            (MC dropout)
+    record       describe(k)            what it does to member k, in words                 (L1, L2)
+    resume       state_dict(k)          what a checkpoint must keep to continue exactly    (early stopping)
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ by 15 iterations on the initial weights, and in evaluation the stored u, v are u
 `torch.nn.utils.parametrizations.spectral_norm` does (tests/test_spectral_norm.py: equal weights and σ over training
 steps from the same u, v). The iteration runs once per step even when SAM passes over the batch twice. u and v are
 saved in checkpoints (resume is exact); best.pt and last.pt hold the unnormalized parameters W, as the model's
-parameters are.
+parameters are. Restored or averaged weights (early stopping, SWA, EMA) are normalized with the last u, v.
 
 The stacked layers compute with `models.effective_weight`, which hands their weight to the transform installed here;
 members without spectral normalization get their slice back untouched. Weight statistics in the summary

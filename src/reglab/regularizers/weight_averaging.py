@@ -75,7 +75,7 @@ def swa_learning_rate(epoch: int, start: int, swa_lr: float, lr0: float, anneal_
 class WeightAverage(Technique):
     """Shared by SWA and EMA: per member a running average of its weights and how many updates it holds."""
 
-    order = 30  # before early stopping: its stop decides the end, the average what is evaluated
+    order = 90  # after_step after every technique that moves the weights (proximal L1, max-norm): they are averaged
 
     def setup(self, model):
         from reglab.models import member_parameters
