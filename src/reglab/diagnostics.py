@@ -182,34 +182,42 @@ def spectral_norms(weights: Sequence[Tensor]) -> dict[str, float]:
 SHARPNESS_RHO = 0.05  # SAM's default radius (Foret et al. 2021), the same for every run so that runs compare
 
 
-def sharpness(model, member: int, x: Tensor, y: Tensor, rho: float = SHARPNESS_RHO) -> float:
-    """First-order worst-case sharpness of member k's training loss, the quantity SAM minimizes (Foret et al.
-    2021): L(w + ρ·g/‖g‖₂) − L(w), g = ∇L(w), L = mean cross-entropy over (x, y), eval mode (no dropout), ρ = 0.05
-    for every run: a larger value is a sharper minimum.
+def sharpness(
+    model, members: list[int], x: Tensor, y: Tensor, rho: float = SHARPNESS_RHO
+) -> dict[int, float]:
+    """First-order worst-case sharpness of each listed member's training loss, the quantity SAM minimizes (Foret et
+    al. 2021): L(w + ρ·g/‖g‖₂) − L(w), g = ∇L(w), L = mean cross-entropy over (x, y[k]), eval mode (no dropout),
+    ρ = 0.05 for every run: a larger value is a sharper minimum.
 
-    `model` is a stack (models.py); member k's weights are moved and put back exactly, the others never change."""
+    `model` is a stack (models.py) and y holds every member's labels [K, N]; the listed members are measured
+    together (one gradient of the sum of their losses: each member's part is its own), their weights moved and put
+    back exactly; the others never change."""
     from reglab.models import predict
 
     model.eval()
     stacked = list(model.parameters())
 
-    def loss() -> Tensor:
-        return F.cross_entropy(predict(model, x, len(stacked[0]))[member].float(), y)
+    def losses() -> dict[int, Tensor]:
+        logits = predict(model, x, len(stacked[0])).float()
+        return {k: F.cross_entropy(logits[k], y[k]) for k in members}
 
     with torch.enable_grad():
-        before = loss()
-        if not torch.isfinite(before):
-            return math.nan  # a diverged model
-        grads = [g[member] for g in torch.autograd.grad(before, stacked)]
+        before = losses()
+        finite = [k for k in members if torch.isfinite(before[k])]  # a diverged member is not measured
+        if not finite:
+            return dict.fromkeys(members, math.nan)
+        grads = torch.autograd.grad(sum(before[k] for k in finite), stacked)
+    saved = [p.detach().clone() for p in stacked]
     with torch.no_grad():
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        saved = [p[member].clone() for p in stacked]
-        for p, g in zip(stacked, grads, strict=True):
-            p[member].add_(g * (rho / (norm + 1e-12)))
-        after = loss()
+        for k in finite:
+            member_grads = [g[k] for g in grads]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in member_grads]))
+            for p, g in zip(stacked, member_grads, strict=True):
+                p[k].add_(g * (rho / (norm + 1e-12)))
+        after = losses()
         for p, w in zip(stacked, saved, strict=True):
-            p[member].copy_(w)
-    return (after - before).item()
+            p.copy_(w)
+    return {k: (after[k] - before[k]).item() if k in finite else math.nan for k in members}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -594,7 +594,7 @@ def finish_members(ending: list[int], model, data: DataSplits, regs: Regularizat
     if not ending:
         return
     try:
-        logits, last_weights, last_test = final_predictions(ending, model, data, regs, stack)
+        logits, last_weights, measured = final_predictions(ending, model, data, regs, stack)
     except (
         Exception
     ) as err:  # e.g. out of memory in the shared evaluation: each ending member is failed, not lost
@@ -606,7 +606,7 @@ def finish_members(ending: list[int], model, data: DataSplits, regs: Regularizat
     for k in ending:
         member = stack.members[k]
         try:
-            finish(k, member, model, data, regs, logits, last_weights[k], last_test.get(k, {}), stack)
+            finish(k, member, model, data, regs, logits, last_weights[k], measured[k], stack)
         except Exception as err:
             member.status = "failed"
             record_failure(member, err)
@@ -615,28 +615,35 @@ def finish_members(ending: list[int], model, data: DataSplits, regs: Regularizat
 
 
 def final_predictions(ending: list[int], model, data: DataSplits, regs: Regularization, stack: Stack):
-    """Every split's logits after the ending members' best weights are restored, with their last weights (and,
-    where a technique restores others, the last model's test metrics) kept from before the restore."""
+    """Every split's logits after the ending members' final weights are restored (early stopping's best, an
+    average), with their last weights kept from before the restore, and per member the summary's measurements of
+    the models: the last model's test metrics where a technique restores others (test/last_*), and the sharpness
+    of the final one."""
     batch = stack.trainer["eval_batch_size"]
     last_weights = {k: MemberView(model, k).state_dict() for k in ending}
-    last_test = {}
+    measured: dict[int, dict] = {k: {} for k in ending}
     restoring = [k for k in ending if regs.restores(k)]
     if restoring:
         # the models as training left them, to compare with the ones early stopping or an average puts back
         logits = predict_all(model, data.x_test, batch, len(stack.members))
-        last_test = {k: as_floats(scores(logits[k], data.y_test)) for k in restoring}
+        for k in restoring:
+            measured[k] = {
+                f"test/last_{name}": v for name, v in as_floats(scores(logits[k], data.y_test)).items()
+            }
     for k in restoring:
-        regs.restore(
-            k, MemberView(model, k)
-        )  # early stopping's best weights, whatever ended training; an average
+        regs.restore(k, MemberView(model, k))  # whatever ended training
+    # sharpness on one evaluation batch of training samples (all of them for MNIST-1D), on the model's device
+    inputs, labels = data.x_train[:batch].to(stack.device), data.y_train[:, :batch].to(stack.device)
+    for k, value in diagnostics.sharpness(model, ending, inputs, labels).items():
+        measured[k]["sharpness"] = value
     logits = {
         split: predict_all(model, x, batch, len(stack.members)) for split, (x, _) in data.splits().items()
     }
-    return logits, last_weights, last_test
+    return logits, last_weights, measured
 
 
 def finish(
-    k: int, member: Member, model, data: DataSplits, regs, logits: dict, last_weights, last_test, stack
+    k: int, member: Member, model, data: DataSplits, regs, logits: dict, last_weights, measured, stack
 ):
     cfg, run_dir = member.cfg, member.run_dir
     labels = {"train": data.y_train[k], "val": data.y_val, "test": data.y_test}
@@ -646,11 +653,7 @@ def finish(
     statistics = {**diagnostics.weight_statistics(weights), **diagnostics.spectral_norms(weights)}
     summary = build_summary(member, regs.names(k), final, statistics, selection)
     summary["device"] = str(stack.device)
-    summary.update({f"test/last_{name}": v for name, v in last_test.items()})
-    # on one evaluation batch of training samples (all of them for MNIST-1D), on the model's device
-    n = stack.trainer["eval_batch_size"]
-    x, y = data.x_train[:n].to(stack.device), data.y_train[k, :n].to(stack.device)
-    summary["sharpness"] = diagnostics.sharpness(model, k, x, y)
+    summary.update(measured)  # test/last_*, sharpness
     summary.update(temperature_scaling(logits["val"][k], data.y_val, logits["test"][k], data.y_test))
     summary.update(regs.final_metrics(k, model, data.x_test, data.y_test, stack.trainer["eval_batch_size"]))
     if cfg["trainer"]["save_weights"]:
