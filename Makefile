@@ -27,9 +27,11 @@ install: $(STAMP) ## create .venv and install reglab with its dev extra
 train: $(STAMP) ## run the default experiment (MLP on MNIST-1D); extra overrides via ARGS='...'
 	$(PY) train.py $(ARGS)
 
-SWEEP := regularizer=none,l1,l2,dropout,early_stopping,label_smoothing trainer.seed=0,1,2
+# every technique that works on the default MLP (stochastic_depth needs a residual model), 3 seeds: 39 jobs, one stack
+SWEEP := regularizer=none,l1,l2,dropout,early_stopping,label_smoothing,noise,mixup,cutmix,swa,ema,sam,spectral_norm \
+	trainer.seed=0,1,2
 
-sweep: $(STAMP) ## every regularizer at its default strength vs none, 3 seeds, then the comparison report
+sweep: $(STAMP) ## every technique for the MLP at its default strength vs none, 3 seeds, then the report
 	$(PY) train.py -m hydra/launcher=stacked $(SWEEP) $(ARGS)
 
 report: $(STAMP) ## comparison report of a multirun directory: make report DIR=outputs/multiruns/...

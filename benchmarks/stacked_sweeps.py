@@ -5,7 +5,8 @@ sweep report included); peak memory is the finished process's ru_maxrss. The wor
 issue 10 ("Train a whole sweep as one batched model"):
 
   1. 48-job grid: regularizer=l2, 4 weight decays x 12 seeds, 150 epochs, logger=none: basic, joblib, stacked
-  2. `make sweep`: every technique at its default strength and none, 3 seeds (18 jobs): basic vs stacked
+  2. `make sweep`: every technique the MLP takes, at its default strength, and none, 3 seeds (39 jobs): basic vs
+     stacked
   3. the 48-job grid with W&B offline: basic vs stacked
   4. a 12-job model=cnn1d grid (2 weight decays x 6 seeds, 50 epochs): basic vs stacked
   5. peak resident memory of the 48-job stack
@@ -34,10 +35,10 @@ import bench  # noqa: E402  (benchmarks/bench.py: process timing, table and docs
 
 ROOT = bench.ROOT
 DOCS_START, DOCS_END = "<!-- stacked-sweeps:start -->", "<!-- stacked-sweeps:end -->"
-SWEEP = [
-    "regularizer=none,l1,l2,dropout,early_stopping,label_smoothing",
+SWEEP = [  # = make sweep
+    "regularizer=none,l1,l2,dropout,early_stopping,label_smoothing,noise,mixup,cutmix,swa,ema,sam,spectral_norm",
     "trainer.seed=0,1,2",
-]  # = make sweep
+]
 LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=joblib"], "stacked": ["hydra/launcher=stacked"]}
 
 
@@ -72,9 +73,9 @@ def workloads(args) -> list[Workload]:
             {"basic": 1 / 5, "joblib": 1 / 2.5},
         ),
         Workload(
-            "make sweep (18 jobs)",
+            "make sweep (39 jobs)",
             [*SWEEP, "logger=none", *(["trainer.epochs=2"] if args.smoke else [])],
-            18,
+            39,
             ("basic", "stacked"),
             {"basic": 1 / 3},
         ),

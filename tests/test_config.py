@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from reglab.errors import ConfigError
 from reglab.loop import Member, Stack, build_optimizer
 from reglab.models import Architecture, build_model
-from reglab.regularizers import build_regularization
+from reglab.regularizers import build_regularization, technique_classes
 from reglab.schema import validate
 from tests.conftest import CONF
 
@@ -52,8 +52,9 @@ def test_groups_have_the_promised_options():
     assert set(options("dataset")) == set(SHAPES)
     assert set(options("model")) == {"mlp", "cnn1d", "cnn", "resmlp", "resnet"}
     assert set(options("optimizer")) == {"sgd", "adam", "adamw"}
-    assert set(options("regularizer")) == {
-        "none",
+    # every technique has its YAML and every YAML its technique (found by name in regularizers/)
+    assert set(options("regularizer")) == {"none", *technique_classes()}
+    assert {
         "l1",
         "l2",
         "dropout",
@@ -62,8 +63,7 @@ def test_groups_have_the_promised_options():
         "noise",
         "stochastic_depth",
         "mixup",
-        "cutmix",
-    }
+    } | {"cutmix", "swa", "ema", "sam", "spectral_norm"} <= set(technique_classes())
     assert set(options("logger")) == {"wandb", "none"}
 
 

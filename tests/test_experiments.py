@@ -29,6 +29,9 @@ GRID_SIZES = {  # jobs per preset: the product of its sweep values, seeds includ
     "stochastic_depth": 6,
     "mixup_accuracy": 9,
     "mixup_calibration": 12,
+    "weight_averaging": 12,
+    "sam": 12,
+    "spectral_norm": 6,
 }
 
 

@@ -107,6 +107,18 @@ def assert_pairs_match(runs: dict, rel: float = 1e-5) -> None:
             1,
             1e-5,
         ),
+        (
+            "swa",
+            ["regularizer=swa", "regularizer.swa.start_epoch=1", "regularizer.swa.impl=scratch,torch"],
+            1,
+            1e-5,
+        ),
+        (
+            "ema",
+            ["regularizer=ema", "regularizer.ema.decay=0.9,0.99", "regularizer.ema.impl=scratch,torch"],
+            2,
+            1e-5,
+        ),
     ],
 )
 def test_every_mode_scratch_equals_torch(tmp_path, data_root, name, args, settings, rel):

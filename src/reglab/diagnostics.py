@@ -164,6 +164,62 @@ def weight_statistics(weights: Sequence[Tensor], small: float = 1e-3) -> dict[st
     }
 
 
+def spectral_norms(weights: Sequence[Tensor]) -> dict[str, float]:
+    """The largest singular value σ_max of each weight matrix (a kernel [out, in, k…] as the matrix [out, in·k…],
+    as spectral normalization sees it): "weights/sigma_max" = the largest over the layers, "weights/lipschitz_bound"
+    = their product Π σ_max, an upper bound on the network's Lipschitz constant (ReLU, tanh and max-pooling are
+    1-Lipschitz; for a convolution the matrix norm is a proxy, not the operator norm). Exact SVD, once per run."""
+    matrices = [w.detach().flatten(1).double() for w in weights if w.ndim >= 2]
+    if not matrices:
+        return {}
+    if not all(torch.isfinite(m).all() for m in matrices):  # a diverged model: no SVD of NaNs
+        return {"weights/sigma_max": math.nan, "weights/lipschitz_bound": math.nan}
+    sigmas = [torch.linalg.matrix_norm(m, ord=2) for m in matrices]
+    values = torch.stack(sigmas).tolist()
+    return {"weights/sigma_max": max(values), "weights/lipschitz_bound": math.prod(values)}
+
+
+SHARPNESS_RHO = 0.05  # SAM's default radius (Foret et al. 2021), the same for every run so that runs compare
+
+
+def sharpness(
+    model, members: list[int], x: Tensor, y: Tensor, rho: float = SHARPNESS_RHO
+) -> dict[int, float]:
+    """First-order worst-case sharpness of each listed member's training loss, the quantity SAM minimizes (Foret et
+    al. 2021): L(w + ρ·g/‖g‖₂) − L(w), g = ∇L(w), L = mean cross-entropy over (x, y[k]), eval mode (no dropout),
+    ρ = 0.05 for every run: a larger value is a sharper minimum.
+
+    `model` is a stack (models.py) and y holds every member's labels [K, N]; the listed members are measured
+    together (one gradient of the sum of their losses: each member's part is its own), their weights moved and put
+    back exactly; the others never change."""
+    from reglab.models import predict
+
+    model.eval()
+    stacked = list(model.parameters())
+
+    def losses() -> dict[int, Tensor]:
+        logits = predict(model, x, len(stacked[0])).float()
+        return {k: F.cross_entropy(logits[k], y[k]) for k in members}
+
+    with torch.enable_grad():
+        before = losses()
+        finite = [k for k in members if torch.isfinite(before[k])]  # a diverged member is not measured
+        if not finite:
+            return dict.fromkeys(members, math.nan)
+        grads = torch.autograd.grad(sum(before[k] for k in finite), stacked)
+    saved = [p.detach().clone() for p in stacked]
+    with torch.no_grad():
+        for k in finite:
+            member_grads = [g[k] for g in grads]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in member_grads]))
+            for p, g in zip(stacked, member_grads, strict=True):
+                p[k].add_(g * (rho / (norm + 1e-12)))
+        after = losses()
+        for p, w in zip(stacked, saved, strict=True):
+            p.copy_(w)
+    return {k: (after[k] - before[k]).item() if k in finite else math.nan for k in members}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Onset of overfitting
 

@@ -25,6 +25,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -281,7 +282,7 @@ def build_optimizer(stack: Stack, model: nn.Module, regs: Regularization) -> tor
         taken = {id(p) for params, _ in claimed for p in params}
         rest = [p for _, p in member_parameters(model, k) if id(p) not in taken]
         for params, extra in [*claimed, (rest, {})]:
-            settings = {**plain, **extra, "epoch": m.epoch}
+            settings = {**plain, **extra, **regs.group_settings(k), "epoch": m.epoch}
             group = groups.setdefault(
                 tuple(sorted(settings.items())), {**settings, "params": [], "members": []}
             )
@@ -343,7 +344,7 @@ def fit(model, data: DataSplits, optimizer, regs: Regularization, stack: Stack):
     network = compiled(model) if trainer["compile"] else model  # same parameters; compiled forward
     while stack.running():
         started = time.perf_counter()
-        lrs = set_learning_rates(optimizer, stack)  # the rate each member trains with this epoch
+        lrs = set_learning_rates(optimizer, regs, stack)  # the rate each member trains with this epoch
         batches = shuffled_batches(data, stack)
         losses = train_one_epoch(network, batches, optimizer, regs, precision, stack, lrs)
         elapsed = time.perf_counter() - started
@@ -389,12 +390,16 @@ def end_of_training(k: int, m: Member, row: dict, model, regs: Regularization, e
     return False
 
 
-def set_learning_rates(optimizer, stack: Stack) -> list[float]:
-    """Each group's rate for its next epoch (constant, or cosine annealing to 0 over the epochs); per member."""
+def set_learning_rates(optimizer, regs: Regularization, stack: Stack) -> list[float]:
+    """Each group's rate for its next epoch (constant, or cosine annealing to 0 over the epochs, unless a technique
+    takes over, as SWA does); per member."""
     epochs = stack.trainer["epochs"]
     lrs = [0.0] * len(stack.members)
     for group in optimizer.param_groups:
-        group["lr"] = scheduled_lr(group["initial_lr"], group["epoch"], epochs, stack.trainer["lr_schedule"])
+        plan = partial(
+            scheduled_lr, group["initial_lr"], epochs=epochs, schedule=stack.trainer["lr_schedule"]
+        )
+        group["lr"] = regs.learning_rate(group, plan)
         group["epoch"] += 1
         for k in group["members"]:
             lrs[k] = group["lr"]
@@ -474,15 +479,11 @@ def train_one_epoch(
     data_losses, penalties = [], []
     for x, targets in batches:
         x = regs.batch(x, targets)  # label smoothing smooths targets; mixup, cutmix mix inputs and targets
-        with precision:
-            logits = model(x)
-            data_loss = regs.data_loss(logits.float(), targets)  # [K]
-        penalty = regs.penalty()
-        loss = data_loss if penalty is None else data_loss + penalty
-        # the members are independent: the gradient of the sum for member k's weights is that of its own loss
-        loss.sum().backward()
-        # each member's slices get their gradients; a finished member none, so the optimizer leaves it alone
-        share_gradients(model, training)
+        noise = noise_states(stack) if regs.second_pass else None
+        data_loss, penalty = forward_backward(model, x, targets, regs, precision, training)
+        if noise is not None:
+            # a technique may take the gradient again at moved weights (SAM): the same batch, the same masks
+            regs.refine_gradients(partial(replay, noise, stack, model, x, targets, regs, precision, training))
         regs.before_step(lrs)
         optimizer.step()
         regs.after_step(lrs)
@@ -492,6 +493,42 @@ def train_one_epoch(
     return mean_over_steps(data_losses), mean_over_steps(penalties) if penalties else torch.zeros_like(
         data_losses[0]
     )
+
+
+def forward_backward(model, x, targets: Targets, regs: Regularization, precision, training: list[int]):
+    """One batch forward and backward: each member's data loss and penalty ([K], or None when no technique adds
+    one); afterwards each training member's parameter slices hold the gradients of its own loss."""
+    with precision:
+        logits = model(x)
+        data_loss = regs.data_loss(logits.float(), targets)  # [K]
+    penalty = regs.penalty()
+    loss = data_loss if penalty is None else data_loss + penalty
+    # the members are independent: the gradient of the sum for member k's weights is that of its own loss
+    loss.sum().backward()
+    # each member's slices get their gradients; a finished member none, so the optimizer leaves it alone
+    share_gradients(model, training)
+    return data_loss, penalty
+
+
+def replay(noise: list[Tensor], stack: Stack, *batch) -> None:
+    """The batch's forward and backward pass again, with the dropout masks of its first pass."""
+    rewind_noise(stack, noise)
+    forward_backward(*batch)
+
+
+def noise_states(stack: Stack) -> list[Tensor]:
+    """Where the dropout masks of the next forward pass come from: every member's noise generator, and torch's
+    global ones (built-in dropout), so that a second pass over a batch draws the same masks."""
+    states = [m.noise_generator.get_state() for m in stack.members] + [torch.get_rng_state()]
+    return states + ([torch.cuda.get_rng_state()] if stack.device.type == "cuda" else [])
+
+
+def rewind_noise(stack: Stack, states: list[Tensor]) -> None:
+    for m, state in zip(stack.members, states, strict=False):
+        m.noise_generator.set_state(state)
+    torch.set_rng_state(states[len(stack.members)])
+    if stack.device.type == "cuda":
+        torch.cuda.set_rng_state(states[-1])
 
 
 def mean_over_steps(values: list[Tensor]) -> Tensor:
@@ -563,7 +600,7 @@ def finish_members(ending: list[int], model, data: DataSplits, regs: Regularizat
     if not ending:
         return
     try:
-        logits, last_weights, last_test = final_predictions(ending, model, data, regs, stack)
+        logits, last_weights, measured = final_predictions(ending, model, data, regs, stack)
     except (
         Exception
     ) as err:  # e.g. out of memory in the shared evaluation: each ending member is failed, not lost
@@ -575,7 +612,7 @@ def finish_members(ending: list[int], model, data: DataSplits, regs: Regularizat
     for k in ending:
         member = stack.members[k]
         try:
-            finish(k, member, model, data, regs, logits, last_weights[k], last_test.get(k, {}), stack)
+            finish(k, member, model, data, regs, logits, last_weights[k], measured[k], stack)
         except Exception as err:
             member.status = "failed"
             record_failure(member, err)
@@ -584,35 +621,45 @@ def finish_members(ending: list[int], model, data: DataSplits, regs: Regularizat
 
 
 def final_predictions(ending: list[int], model, data: DataSplits, regs: Regularization, stack: Stack):
-    """Every split's logits after the ending members' best weights are restored, with their last weights (and,
-    where a technique restores others, the last model's test metrics) kept from before the restore."""
+    """Every split's logits after the ending members' final weights are restored (early stopping's best, an
+    average), with their last weights kept from before the restore, and per member the summary's measurements of
+    the models: the last model's test metrics where a technique restores others (test/last_*), and the sharpness
+    of the final one."""
     batch = stack.trainer["eval_batch_size"]
     last_weights = {k: MemberView(model, k).state_dict() for k in ending}
-    last_test = {}
-    with_selection = [k for k in ending if regs.selection(k) is not None]
-    if with_selection:
-        # the models as training left them, to compare with the ones early stopping restores
+    measured: dict[int, dict] = {k: {} for k in ending}
+    restoring = [k for k in ending if regs.restores(k)]
+    if restoring:
+        # the models as training left them, to compare with the ones early stopping or an average puts back
         logits = predict_all(model, data.x_test, batch, len(stack.members))
-        last_test = {k: as_floats(scores(logits[k], data.y_test)) for k in with_selection}
-    for k in with_selection:
-        regs.selection(k).restore(MemberView(model, k))  # restores its best weights, whatever ended training
+        for k in restoring:
+            measured[k] = {
+                f"test/last_{name}": v for name, v in as_floats(scores(logits[k], data.y_test)).items()
+            }
+    for k in restoring:
+        regs.restore(k, MemberView(model, k))  # whatever ended training
+    # sharpness on one evaluation batch of training samples (all of them for MNIST-1D), on the model's device
+    inputs, labels = data.x_train[:batch].to(stack.device), data.y_train[:, :batch].to(stack.device)
+    for k, value in diagnostics.sharpness(model, ending, inputs, labels).items():
+        measured[k]["sharpness"] = value
     logits = {
         split: predict_all(model, x, batch, len(stack.members)) for split, (x, _) in data.splits().items()
     }
-    return logits, last_weights, last_test
+    return logits, last_weights, measured
 
 
 def finish(
-    k: int, member: Member, model, data: DataSplits, regs, logits: dict, last_weights, last_test, stack
+    k: int, member: Member, model, data: DataSplits, regs, logits: dict, last_weights, measured, stack
 ):
     cfg, run_dir = member.cfg, member.run_dir
     labels = {"train": data.y_train[k], "val": data.y_val, "test": data.y_test}
     final = {split: as_floats(scores(logits[split][k], labels[split])) for split in logits}
     weights = member_weights(model, k)
     selection = regs.selection(k) or member.best  # best_epoch and best.pt, by the same monitor
-    summary = build_summary(member, regs.names(k), final, diagnostics.weight_statistics(weights), selection)
+    statistics = {**diagnostics.weight_statistics(weights), **diagnostics.spectral_norms(weights)}
+    summary = build_summary(member, regs.names(k), final, statistics, selection)
     summary["device"] = str(stack.device)
-    summary.update({f"test/last_{name}": v for name, v in last_test.items()})
+    summary.update(measured)  # test/last_*, sharpness
     summary.update(temperature_scaling(logits["val"][k], data.y_val, logits["test"][k], data.y_test))
     summary.update(regs.final_metrics(k, model, data.x_test, data.y_test, stack.trainer["eval_batch_size"]))
     if cfg["trainer"]["save_weights"]:

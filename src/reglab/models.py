@@ -51,15 +51,23 @@ def _stacked_uniform(
     return nn.Parameter(weight), nn.Parameter(bias)
 
 
+def effective_weight(layer: nn.Module) -> Tensor:
+    """The weight a stacked layer computes with: its parameter, or what a technique's `weight_transform` makes of it
+    (spectral normalization's W/σ(W); regularizers/spectral_norm.py)."""
+    return layer.weight if layer.weight_transform is None else layer.weight_transform(layer.weight)
+
+
 class StackedLinear(nn.Module):
     """K dense layers: x [K, B, in] -> [K, B, out], y_k = x_k W_kᵀ + b_k."""
+
+    weight_transform = None  # a technique may set W [K, ...] -> W' [K, ...] for the forward pass
 
     def __init__(self, in_features: int, out_features: int, generators: list[torch.Generator]):
         super().__init__()
         self.weight, self.bias = _stacked_uniform((out_features, in_features), in_features, generators)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+        return torch.baddbmm(self.bias.unsqueeze(1), x, effective_weight(self).transpose(1, 2))
 
 
 class StackedConv(nn.Module):
@@ -68,6 +76,8 @@ class StackedConv(nn.Module):
     Default stride: 2 in 1-D (each layer halves the length), 1 in 2-D. Padding kernel_size // 2, like the CNNs
     before. Initialized as `nn.Conv1d/2d` are by default (uniform ±1/√fan_in, fan_in = in_channels · kernel elements).
     """
+
+    weight_transform = None  # as StackedLinear's
 
     def __init__(self, in_channels, out_channels, kernel_size, spatial_dims, generators, stride=None):
         super().__init__()
@@ -80,7 +90,7 @@ class StackedConv(nn.Module):
         members, batch = x.shape[:2]
         patches, out_size = self._patches(x.flatten(0, 1))  # [K·B, C·k…, positions]
         patches = patches.view(members, batch, *patches.shape[1:]).transpose(2, 3).flatten(1, 2)
-        weight = self.weight.flatten(2)  # [K, out, C·k…]
+        weight = effective_weight(self).flatten(2)  # [K, out, C·k…]
         out = torch.baddbmm(self.bias.unsqueeze(1), patches, weight.transpose(1, 2))  # [K, B·positions, out]
         return (
             out.view(members, batch, -1, weight.shape[1])

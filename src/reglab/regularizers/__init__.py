@@ -69,6 +69,14 @@ class Regularization:
     def optimizer_groups(self, member: int) -> list[tuple[list[Tensor], dict]]:
         return [group for t in self.techniques for group in t.optimizer_groups(member)]
 
+    def group_settings(self, member: int) -> dict:
+        return {key: value for t in self.techniques for key, value in t.group_settings(member).items()}
+
+    def learning_rate(self, group: dict, plan) -> float:
+        """Group `group`'s rate for its next epoch: a technique's (SWA), else the schedule's `plan(epoch)`."""
+        rates = (rate for t in self.techniques if (rate := t.learning_rate(group, plan)) is not None)
+        return next(rates, plan(group["epoch"]))
+
     def batch(self, x: Tensor, targets: Targets) -> Tensor:
         """The inputs the model sees; each technique in turn may change members' inputs and targets."""
         for t in self.techniques:
@@ -88,6 +96,15 @@ class Regularization:
         terms = [term for t in self.techniques if (term := t.penalty()) is not None]
         return sum(terms[1:], terms[0]) if terms else None
 
+    @property
+    def second_pass(self) -> bool:
+        """Whether a technique may re-run a batch (`refine_gradients`): the loop then keeps its dropout noise."""
+        return any(t.second_pass and t.members() for t in self.techniques)
+
+    def refine_gradients(self, recompute) -> None:
+        for t in self.techniques:
+            t.refine_gradients(recompute)
+
     def before_step(self, lrs: list[float]) -> None:
         for t in self.techniques:
             t.before_step(lrs)
@@ -103,6 +120,20 @@ class Regularization:
 
     def selection(self, member: int) -> EarlyStopping | None:
         return next((s for t in self.techniques if (s := t.selection(member)) is not None), None)
+
+    def restores(self, member: int) -> bool:
+        """Whether member k ends with other weights than training left it (early stopping's best, an average)."""
+        return self.selection(member) is not None or self.final_weights(member) is not None
+
+    def restore(self, member: int, model: MemberView) -> None:
+        """Load the weights member k is evaluated with: early stopping's best, then (overriding them) an average."""
+        if (selection := self.selection(member)) is not None:
+            selection.restore(model)
+        if (weights := self.final_weights(member)) is not None:
+            model.load_state_dict(weights)
+
+    def final_weights(self, member: int) -> dict[str, Tensor] | None:
+        return next((w for t in self.techniques if (w := t.final_weights(member)) is not None), None)
 
     def retire(self, member: int) -> None:
         for t in self.techniques:

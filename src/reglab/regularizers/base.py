@@ -11,21 +11,29 @@ setting per member: the member's config node, or None where that member does not
 that is off is that member's zero strength, and leaves its arithmetic untouched). A technique overrides the hooks
 it needs:
 
-    model        dropout_plan(k)       where member k's dropout layers go                 (dropout)
-                 model_layer(site, g)  a stacked layer of its own at a site of the network (noise, stochastic depth)
-    batch        batch(x, targets)     member k's inputs and targets for the forward      (label smoothing,
-                                       pass, changed by each technique in turn            mixup, cutmix)
-    loss         data_loss(...)        a term added to the per-member data loss           (the README's example)
-                 penalty()             per-member penalty added to it                     (L1, L2)
-    optimizer    optimizer_groups(k)   member k's parameters with settings of their own   (L2 impl=torch: weight_decay)
-    step         before_step(lrs)      between backward and optimizer.step                (L2 coupled/decoupled scratch)
-                 after_step(lrs)       after optimizer.step                               (proximal L1, max-norm)
-    epoch end    end_epoch(k, ...)     may stop member k                                  (early stopping)
-    training end selection(k)          which epoch member k keeps, and its weights        (early stopping)
-                 final_metrics(k, ...) test metrics of its own                            (MC dropout)
-    record       describe(k)           what it does to member k, in words                 (L1, L2)
-    resume       state_dict(k)         what a checkpoint must keep to continue exactly    (early stopping,
-                                                                                          mixup's generators)
+    model        dropout_plan(k)        where member k's dropout layers go                 (dropout)
+                 model_layer(site, g)   a stacked layer of its own at a site of the network (noise, stochastic
+                                                                                            depth)
+                 setup(model)           once the model exists: e.g. a weight transform     (spectral norm)
+    batch        batch(x, targets)      member k's inputs and targets for the forward      (label smoothing,
+                                        pass, changed by each technique in turn            mixup, cutmix)
+    loss         data_loss(...)         a term added to the per-member data loss           (the README's example)
+                 penalty()              per-member penalty added to it                     (L1, L2)
+    optimizer    optimizer_groups(k)    member k's parameters with settings of their own   (L2 impl=torch)
+                 group_settings(k)      settings of all of member k's optimizer groups     (SWA: its lr schedule)
+                 learning_rate(g, plan) a group's rate for its next epoch, or None         (SWA: SWALR's rates)
+    step         refine_gradients(f)    after backward: f() re-runs the batch's forward    (SAM: the gradient
+                                        and backward (same random draws) at moved weights   at w + ρ·g/‖g‖)
+                 before_step(lrs)       between backward and optimizer.step                (L2 coupled/decoupled)
+                 after_step(lrs)        after optimizer.step                               (proximal L1, max-norm,
+                                                                                            EMA, spectral norm)
+    epoch end    end_epoch(k, ...)      may stop member k                                  (early stopping, SWA)
+    training end selection(k)           which epoch member k keeps, and its weights        (early stopping)
+                 final_weights(k)       the weights member k is evaluated with instead     (SWA, EMA: the average)
+                 final_metrics(k, ...)  test metrics of its own                            (MC dropout)
+    record       describe(k)            what it does to member k, in words                 (L1, L2)
+    resume       state_dict(k)          what a checkpoint must keep to continue exactly    (early stopping,
+                                                                                            mixup's generators)
 
 The targets compose: the loop builds a `Targets` per batch (every member's target one-hot of its labels), the
 `batch` hooks run in `order` (label smoothing, order 50, smooths; mixup and cutmix, order 60, mix the inputs and
@@ -36,7 +44,7 @@ technique touched keeps exactly the plain `F.cross_entropy` of the labels.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -61,6 +69,8 @@ class Technique:
     strength_key: ClassVar[str | None] = None
     strength_scale: ClassVar[str] = "linear"  # "log" for strengths swept over decades (the report's axis)
     order: ClassVar[int] = 100  # hooks run in this order (then by name): e.g. proximal L1 before max-norm
+    # True when the technique uses `refine_gradients`: the loop then keeps each batch's dropout noise for a replay
+    second_pass: ClassVar[bool] = False
 
     @classmethod
     def check(cls, settings: Mapping, cfg: Mapping) -> None:
@@ -112,6 +122,22 @@ class Technique:
         the optimizer's own weight_decay; every other parameter gets the optimizer's plain settings."""
         return []
 
+    def group_settings(self, member: int) -> dict:
+        """Settings added to every optimizer group of member k (members share a group only when these agree), for
+        `learning_rate` to read back."""
+        return {}
+
+    def learning_rate(self, group: dict, plan: Callable[[int], float]) -> float | None:
+        """The rate of optimizer group `group` for its next epoch (`group["epoch"]`, counted from 0), or None to
+        keep the schedule's; `plan(epoch)` is the rate trainer.lr_schedule gives any epoch."""
+        return None
+
+    def refine_gradients(self, recompute: Callable[[], None]) -> None:
+        """Called after the backward pass, when the members' parameter slices hold their gradients. May move
+        member weights, call `recompute()` (the same batch's forward and backward again, with the same dropout
+        masks: every training member's slices then hold the new gradients), and must put back the weights and, for
+        the members it leaves alone, the first gradients."""
+
     def before_step(self, lrs: list[float]) -> None: ...
 
     def after_step(self, lrs: list[float]) -> None: ...
@@ -121,6 +147,11 @@ class Technique:
 
     def selection(self, member: int) -> EarlyStopping | None:
         """The tracker that picks member k's best epoch and the weights it ends with, if this technique decides."""
+        return None
+
+    def final_weights(self, member: int) -> dict[str, Tensor] | None:
+        """The weights (names as `MemberView.state_dict`) that member k is evaluated with when training ends, in
+        place of those it ends with (or early stopping restores); None keeps those."""
         return None
 
     def describe(self, member: int) -> str | None:
