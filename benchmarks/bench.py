@@ -287,8 +287,9 @@ def micro_pair(technique: str, shape: tuple[int, ...]) -> tuple[str, str, Callab
     import torch.nn.functional as F
     from torch import nn
 
+    from reglab.regularizers.base import soft_cross_entropy
     from reglab.regularizers.dropout import channel_dropout, dropout
-    from reglab.regularizers.label_smoothing import label_smoothing_cross_entropy
+    from reglab.regularizers.label_smoothing import smooth_targets
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=generator, requires_grad=True)
@@ -296,9 +297,9 @@ def micro_pair(technique: str, shape: tuple[int, ...]) -> tuple[str, str, Callab
         target = torch.randint(0, shape[1], (shape[0],), generator=generator)
         return (
             "F.cross_entropy(label_smoothing=)",
-            "label_smoothing_cross_entropy",
+            "smoothed targets + soft_cross_entropy",  # what scratch label smoothing trains with
             lambda z: F.cross_entropy(z, target, label_smoothing=0.1),
-            lambda z: label_smoothing_cross_entropy(z, target, 0.1),
+            lambda z: soft_cross_entropy(z, smooth_targets(target, z.shape[1], 0.1)),
             {"x": x, "grad_out": None},
         )
     grad_out = torch.randn(shape, generator=generator)

@@ -35,8 +35,16 @@ EXPECTED_ROWS = [
     ("2", "hand-written loop (A) vs reglab + W&B offline", "whole process, start to exit"),
     ("3", "nn.Dropout (A) vs reglab dropout (B)", "(100, 100)"),
     ("3", "nn.Dropout (A) vs reglab dropout (B)", "(256, 4096)"),
-    ("3", "F.cross_entropy(label_smoothing=) (A) vs reglab label_smoothing_cross_entropy (B)", "(100, 10)"),
-    ("3", "F.cross_entropy(label_smoothing=) (A) vs reglab label_smoothing_cross_entropy (B)", "(256, 1000)"),
+    (
+        "3",
+        "F.cross_entropy(label_smoothing=) (A) vs reglab smoothed targets + soft_cross_entropy (B)",
+        "(100, 10)",
+    ),
+    (
+        "3",
+        "F.cross_entropy(label_smoothing=) (A) vs reglab smoothed targets + soft_cross_entropy (B)",
+        "(256, 1000)",
+    ),
     ("3", "nn.Dropout2d (A) vs reglab channel_dropout (B)", "(32, 64, 16, 16)"),
     ("4", "2-job grid", "whole sweep, start to exit"),
     ("5", "hand-written loop (A) vs reglab default (B)", "peak resident memory"),

@@ -54,16 +54,9 @@ def test_groups_have_the_promised_options():
     assert set(options("optimizer")) == {"sgd", "adam", "adamw"}
     # every technique has its YAML and every YAML its technique (found by name in regularizers/)
     assert set(options("regularizer")) == {"none", *technique_classes()}
-    assert {
-        "l1",
-        "l2",
-        "dropout",
-        "early_stopping",
-        "label_smoothing",
-        "noise",
-        "stochastic_depth",
-        "mixup",
-    } | {"cutmix", "swa", "ema", "sam", "spectral_norm"} <= set(technique_classes())
+    classic = {"l1", "l2", "dropout", "early_stopping", "label_smoothing"}
+    beyond = {"noise", "stochastic_depth", "mixup", "cutmix", "swa", "ema", "sam", "spectral_norm"}
+    assert classic | beyond <= set(technique_classes())
     assert set(options("logger")) == {"wandb", "none"}
 
 
@@ -238,3 +231,18 @@ def test_contradictory_keys_are_refused():
     )
     with pytest.raises(ConfigError, match="divergence_threshold=0.4 is not allowed: .* above stopping_thr"):
         validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model=resnet", "model.channels=[]"], "model.channels"),
+        (["model=resnet", "model.kernel_size=4"], "model.kernel_size"),
+        (["model=resnet", "model.kernel_size=[3,3]"], "model.kernel_size"),
+        (["model=cnn1d", "model.kernel_size=[5,3]"], "model.kernel_size"),
+        (["model=resnet", "model.channels=[8]", "regularizer=stochastic_depth"], "model.channels"),
+    ],
+)
+def test_conv_layer_lists_are_checked_before_training(overrides, key):
+    with pytest.raises(ConfigError, match=f"{key}=.* is not allowed"):
+        validate(composed(*overrides))

@@ -92,3 +92,26 @@ def test_invalid_arguments(kwargs, message):
 def test_off_target_needs_two_classes():
     with pytest.raises(ValueError, match="num_classes=1"):
         smooth_targets(torch.tensor([0]), 1, 0.1, "off_target")
+
+
+@pytest.mark.parametrize("variant", ["uniform", "off_target"])
+def test_the_training_path_equals_the_closed_form_and_the_builtin(variant):
+    """What training computes for scratch label smoothing (the `batch` hook smooths the targets, the loss is the
+    soft-target cross-entropy), for two members of a stack, against the closed form and F.cross_entropy."""
+    from reglab.regularizers import build_regularization
+    from reglab.regularizers.base import Targets
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 16, 5, generator=generator)
+    labels = torch.randint(0, 5, (2, 16), generator=generator)
+    regs = build_regularization(
+        [{"label_smoothing": {"eps": 0.2, "variant": variant, "impl": "scratch"}}, {}]
+    )
+    targets = Targets(labels, 5)
+    regs.batch(logits, targets)
+    loss = regs.data_loss(logits, targets)
+    closed_form = label_smoothing_cross_entropy(logits[0], labels[0], 0.2, variant)
+    torch.testing.assert_close(loss[0], closed_form)
+    if variant == "uniform":
+        torch.testing.assert_close(loss[0], F.cross_entropy(logits[0], labels[0], label_smoothing=0.2))
+    assert torch.equal(loss[1], F.cross_entropy(logits[1], labels[1]))  # the member without it: untouched

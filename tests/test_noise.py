@@ -123,3 +123,14 @@ def test_bad_noise_settings_are_one_line_config_errors(override, key):
     with pytest.raises(ConfigError) as error:
         validate(composed("regularizer=noise", override))
     assert error.value.key == key and "\n" not in str(error.value)
+
+
+def test_hidden_noise_without_hidden_layers_is_refused():
+    from reglab.errors import ConfigError
+    from reglab.schema import validate
+    from tests.test_loop import config
+
+    with pytest.raises(ConfigError, match="regularizer.noise.hidden_sigma=0.2 is not allowed: 0 for an MLP"):
+        validate(
+            config("unused", "regularizer=noise", "regularizer.noise.hidden_sigma=0.2", "model.hidden=[]")
+        )

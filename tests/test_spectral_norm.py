@@ -33,9 +33,8 @@ def test_normalized_weights_and_sigma_equal_torchs_over_training_steps(model_nam
         module.parametrizations.weight[0]._u.copy_(technique.u[index][0])
         module.parametrizations.weight[0]._v.copy_(technique.v[index][0])
     generator = torch.Generator().manual_seed(0)
-    for _ in range(
-        5
-    ):  # training steps: forward (one power iteration), then the same random SGD step for both
+    # training steps: forward (one power iteration), then the same random SGD step for both
+    for _ in range(5):
         model.train()
         for module, layer in zip(plain, layers, strict=True):
             ours = effective_weight(layer)[0].flatten(1)

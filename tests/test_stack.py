@@ -13,10 +13,9 @@ QUICK = ["trainer.epochs=4", "dataset.n_train=300", "trainer.save_weights=true"]
 
 # Jobs that differ in everything a stack lets them differ in. None of them draws random numbers beyond
 # initialization, batch order, the (scratch) draws of the forward pass (dropout masks, noise, dropped blocks) and
-# mixup/cutmix draws, all from the member's own generators. A stack shares one network: each model's jobs train in a
-# stack of their own.
-# initialization, batch order, (scratch) dropout masks and spectral norm's u, v, all from the member's own
-# generators. SAM passes over every batch twice: the members without it (dropout among them) must not notice.
+# mixup/cutmix draws, all from the member's own generators (spectral norm's u, v too). A stack shares one network:
+# each model's jobs train in a stack of their own. SAM passes over every batch twice: the members without it
+# (dropout among them) must not notice.
 JOBS = {
     "seed0": ["trainer.seed=0"],
     "seed1": ["trainer.seed=1"],

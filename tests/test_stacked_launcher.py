@@ -236,3 +236,12 @@ def test_a_bad_max_stack_stops_the_sweep_with_one_line(tmp_path, data_root, valu
     )
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not any(sweep.glob("*/summary.json"))
+
+
+def test_jobs_with_a_second_pass_train_in_stacks_of_their_own(data_root):
+    from reglab.stacking import group_into_stacks
+
+    jobs = [[], ["regularizer=sam"], ["regularizer=l2"], ["regularizer=[sam,l2]"]]
+    stacks, reasons = group_into_stacks({i: config(data_root, *job) for i, job in enumerate(jobs)}, 64)
+    assert stacks == [[0, 2], [1, 3]]
+    assert reasons == ["jobs [1, 3] train apart from job 0's stack: passes per step=2 (not 1)"]

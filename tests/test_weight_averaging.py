@@ -117,16 +117,22 @@ def test_update_bn_has_nothing_to_do_in_reglabs_models():
 
 
 def test_the_averaged_model_is_evaluated_and_the_last_one_recorded_beside_it(tmp_path, data_root):
-    cfg = config(data_root, *QUICK, "regularizer=swa", "regularizer.swa.start_epoch=2")
+    cfg = config(
+        data_root, *QUICK, "regularizer=swa", "regularizer.swa.start_epoch=2", "trainer.save_weights=true"
+    )
     train(cfg, tmp_path, Job())
     summary = read_summary(tmp_path)
     assert summary["swa/averaged"] == 3  # epochs 2, 3, 4
     assert (
         summary["test/acc"] != summary["test/last_acc"] or summary["test/loss"] != summary["test/last_loss"]
     )
-    assert (
-        summary["val/loss"] != read_metrics(tmp_path)[-1]["val/loss"]
-    )  # the average's, not the last epoch's
+    # the average's, not the last epoch's
+    assert summary["val/loss"] != read_metrics(tmp_path)[-1]["val/loss"]
+    # the evaluated average is saved beside the last weights, under the same names
+    averaged, last = torch.load(tmp_path / "averaged.pt"), torch.load(tmp_path / "last.pt")
+    assert averaged.keys() == last.keys() and not torch.equal(
+        averaged["dense1.weight"], last["dense1.weight"]
+    )
 
 
 def test_swa_takes_over_the_learning_rate_from_its_start(tmp_path, data_root):
@@ -166,3 +172,8 @@ def test_bad_swa_values_are_refused(override, key):
 def test_bad_ema_decay_is_refused():
     with pytest.raises(ConfigError, match="regularizer.ema.decay=1 is not allowed"):
         validate(config("unused", "regularizer=ema", "regularizer.ema.decay=1"))
+
+
+def test_two_weight_averages_at_once_are_refused():
+    with pytest.raises(ConfigError, match=r"regularizer='\[swa,ema\]' is not allowed: one weight average"):
+        validate(config("unused", "regularizer=[swa,ema]"))

@@ -97,9 +97,8 @@ def train_members(members: dict, max_stack: int, sweep_dir: str) -> dict[int, fl
         print(f"[reglab] stack {number}: {len(jobs)} jobs ({', '.join(map(str, jobs))}) training")
         try:
             results = train_stack([members[idx] for idx in jobs])
-        except (
-            BAD_INPUT
-        ) as err:  # e.g. a data set that cannot be read: this stack's jobs fail, the others go on
+        # e.g. a data set that cannot be read: this stack's jobs fail, the others go on
+        except BAD_INPUT as err:
             print(f"reglab: error: {err}", file=sys.stderr)
             for idx in jobs:
                 if members[idx].summary is None:

@@ -601,9 +601,8 @@ def finish_members(ending: list[int], model, data: DataSplits, regs: Regularizat
         return
     try:
         logits, last_weights, measured = final_predictions(ending, model, data, regs, stack)
-    except (
-        Exception
-    ) as err:  # e.g. out of memory in the shared evaluation: each ending member is failed, not lost
+    # e.g. out of memory in the shared evaluation: each ending member is failed, not lost
+    except Exception as err:
         for k in ending:
             stack.members[k].status = "failed"
             record_failure(stack.members[k], err)
@@ -663,7 +662,7 @@ def finish(
     summary.update(temperature_scaling(logits["val"][k], data.y_val, logits["test"][k], data.y_test))
     summary.update(regs.final_metrics(k, model, data.x_test, data.y_test, stack.trainer["eval_batch_size"]))
     if cfg["trainer"]["save_weights"]:
-        save_weights(run_dir, last_weights, selection)
+        save_weights(run_dir, last_weights, selection, regs.final_weights(k))
     if cfg["trainer"]["plots"]:
         member.record.log_images(write_plots(weights, logits["test"][k], data.y_test, member, summary))
     member.record.write_summary(summary)
@@ -789,11 +788,13 @@ def record_failure(member: Member, err: Exception) -> dict:
     return summary
 
 
-def save_weights(run_dir: Path, last_weights: dict, best: EarlyStopping) -> None:
+def save_weights(run_dir: Path, last_weights: dict, best: EarlyStopping, averaged: dict | None) -> None:
     """last.pt: the weights training ended with; best.pt: those of the best epoch (lowest val/loss, or early
-    stopping's monitor when it is on)."""
+    stopping's monitor when it is on); averaged.pt: the average a technique evaluates instead (SWA, EMA)."""
     torch.save(last_weights, run_dir / "last.pt")
     torch.save(best.best_state if best.best_state is not None else last_weights, run_dir / "best.pt")
+    if averaged is not None:
+        torch.save(averaged, run_dir / "averaged.pt")
 
 
 def write_plots(weights, test_logits: Tensor, test_y: Tensor, member: Member, summary: dict) -> list[Path]:

@@ -461,7 +461,7 @@ def weight_averaging(results):
 
 def sam(results):
     runs = results["sam"]
-    parts, holds = [], True
+    parts, holds = [], False  # judged on the SGD rows; without them it cannot hold
     for optimizer, rows in by_optimizer(runs).items():
         plain, sharp = (select(rows, regularizer__sam__rho=rho) for rho in (0.0, 0.05))
         parts += [
@@ -492,12 +492,15 @@ def spectral_norm(results):
         f"σ_max {ms(r, 'weights/sigma_max', 1, 2)} Π σ_max {ms(r, 'weights/lipschitz_bound', 1, 1)}"
         for name, r in (("none", none), ("spectral_norm c=1", normalized))
     )
-    holds = mean(normalized, "gap/test_acc") < mean(none, "gap/test_acc") and mean(
-        normalized, "weights/lipschitz_bound"
-    ) < mean(none, "weights/lipschitz_bound")
+    smaller_gap = mean(normalized, "gap/test_acc") < mean(none, "gap/test_acc")
+    smaller_bound = mean(normalized, "weights/lipschitz_bound") < mean(none, "weights/lipschitz_bound")
+    # a gap that closes because the model stops fitting is not regularization that helps
+    kept_accuracy = mean(normalized, "test/acc") >= mean(none, "test/acc") - 0.02
+    holds = smaller_gap and smaller_bound and kept_accuracy
     return Outcome(
         text,
-        "smaller gap and a smaller Lipschitz bound (Π σ_max of the weights the network computes with)",
+        "smaller gap and a smaller Lipschitz bound (Π σ_max of the weights the network computes with), at a test "
+        "accuracy no more than 2 points below no regularization",
         holds,
         "σ_max of the normalized weights is ≈ 1 by construction (power iteration's estimate). With c=1 in every "
         "layer the whole MLP is ~1-Lipschitz, so its logits can barely separate the classes: it underfits, and the "

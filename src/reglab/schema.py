@@ -187,6 +187,7 @@ def _check_node(node, spec: Mapping, path: str) -> None:
 
 
 def _check_cross_keys(cfg: Mapping) -> None:
+    _check_conv_layers(cfg["model"])
     opt = cfg["optimizer"]
     if opt["name"] == "sgd" and opt["nesterov"] and opt["momentum"] <= 0:
         raise ConfigError(
@@ -201,6 +202,21 @@ def _check_cross_keys(cfg: Mapping) -> None:
             raise ConfigError(
                 "trainer.device", "cuda", "auto or cpu: no CUDA device is visible on this machine"
             )
+
+
+def _check_conv_layers(model: Mapping) -> None:
+    """The conv networks' layer lists, checked here so that a sweep refuses them before any job trains."""
+    if model["name"] not in ("cnn1d", "cnn", "resnet"):
+        return
+    channels, kernel = model["channels"], model["kernel_size"]
+    if not channels:
+        raise ConfigError("model.channels", channels, "at least one conv layer's channels, e.g. [25, 25, 25]")
+    if model["name"] == "resnet" and (not isinstance(kernel, int) or kernel % 2 == 0):
+        raise ConfigError(
+            "model.kernel_size", kernel, "one odd size for model=resnet (a block keeps the size it is given)"
+        )
+    if isinstance(kernel, list) and len(kernel) != len(channels):
+        raise ConfigError("model.kernel_size", kernel, f"one size, or one per layer ({len(channels)} layers)")
 
 
 class ValidateSweep(Callback):

@@ -26,8 +26,10 @@ PER_MEMBER = (
 
 
 def shared_settings(cfg: dict, prefix: str = "") -> dict:
-    """The flattened config without the per-member keys: equal for every member of a stack."""
-    shared = {}
+    """The flattened config without the per-member keys: equal for every member of a stack. Also the passes per
+    step: one technique that takes a second pass over each batch (SAM) makes the whole stack take it, so jobs with
+    one keep to stacks of their own."""
+    shared = {"passes per step": passes_per_step(cfg)} if not prefix else {}
     for key, value in cfg.items():
         name = f"{prefix}{key}"
         if name in PER_MEMBER:
@@ -37,6 +39,14 @@ def shared_settings(cfg: dict, prefix: str = "") -> dict:
         else:
             shared[name] = value
     return shared
+
+
+def passes_per_step(cfg: dict) -> int:
+    from reglab.regularizers import technique_classes
+
+    techniques = technique_classes()
+    second = any(techniques[name].second_pass for name in cfg.get("regularizer") or {} if name in techniques)
+    return 2 if second else 1
 
 
 def group_into_stacks(configs: dict[int, dict], max_stack: int) -> tuple[list[list[int]], list[str]]:

@@ -33,6 +33,10 @@ def technique_classes() -> dict[str, type[Technique]]:
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
     found = [cls for cls in _subclasses(Technique) if cls.name]
+    for cls in found:
+        twins = [other.__module__ for other in found if other.name == cls.name]
+        if len(twins) > 1:
+            raise TypeError(f"two techniques are named {cls.name!r}: in {' and '.join(twins)}")
     return {cls.name: cls for cls in sorted(found, key=lambda cls: (cls.order, cls.name))}
 
 

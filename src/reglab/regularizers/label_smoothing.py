@@ -51,18 +51,26 @@ def _true_and_uniform_weights(eps: float, variant: str, num_classes: int) -> tup
     return 1.0 - eps - off_target, off_target
 
 
+def smooth(q: Tensor, eps: float, variant: str = "uniform") -> Tensor:
+    """Smoothed targets w_true·q + w_all for target distributions q (N, K) (rows summing to 1): what scratch label
+    smoothing trains with (the `batch` hook). For one-hot q it is the smoothed target of the module docstring; for
+    targets another technique already changed, the same affine map (it commutes with mixing)."""
+    _check_arguments(eps, variant, q.shape[-1])
+    w_true, w_all = _true_and_uniform_weights(eps, variant, q.shape[-1])
+    return w_true * q + w_all
+
+
 def smooth_targets(target: Tensor, num_classes: int, eps: float, variant: str = "uniform") -> Tensor:
     """Soft target matrix q of shape (N, K) for class indices ``target`` of shape (N,); rows sum to 1."""
-    _check_arguments(eps, variant, num_classes)
-    w_true, w_all = _true_and_uniform_weights(eps, variant, num_classes)
-    onehot = F.one_hot(target, num_classes).float()
-    return w_true * onehot + w_all
+    return smooth(F.one_hot(target, num_classes).float(), eps, variant)
 
 
 def label_smoothing_cross_entropy(
     logits: Tensor, target: Tensor, eps: float, variant: str = "uniform", reduction: str = "mean"
 ) -> Tensor:
-    """Cross-entropy against smoothed targets, from scratch: -Σ_k q_k log p_k per sample.
+    """Cross-entropy against smoothed targets in closed form: -Σ_k q_k log p_k per sample. Training builds the
+    smoothed targets instead (`smooth`, so that other techniques can mix them) and takes the soft-target
+    cross-entropy; the tests check that path against this formula and against PyTorch's built-in.
 
     ``logits`` has shape (N, K, *extra) and ``target`` (N, *extra) with class indices. With
     log p = z - logsumexp(z), it uses the closed form -w_true·log p_y - w_all·Σ_k log p_k (w_true, w_all as
@@ -114,8 +122,7 @@ class LabelSmoothing(Technique):
             if s["impl"] == "torch":
                 targets.smooth_in_loss(k, s["eps"])  # F.cross_entropy(label_smoothing=ε)
             else:
-                w_true, w_all = _true_and_uniform_weights(s["eps"], s["variant"], targets.num_classes)
-                targets.replace(k, w_true * targets.distribution(k) + w_all)
+                targets.replace(k, smooth(targets.distribution(k), s["eps"], s["variant"]))
         return x
 
     def describe(self, member):

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from reglab.errors import ConfigError
 from reglab.regularizers.base import MemberLayer, Technique
 from reglab.specs import choice, number
 
@@ -85,6 +86,16 @@ class Noise(Technique):
     keys = {"input_sigma": number(0), "hidden_sigma": number(0), "mode": choice(*MODES)}
     strength_key = "input_sigma"
     order = 35
+
+    @classmethod
+    def check(cls, settings, cfg):
+        model = cfg["model"]
+        if settings["hidden_sigma"] > 0 and model["name"] == "mlp" and not model["hidden"]:
+            raise ConfigError(
+                "regularizer.noise.hidden_sigma",
+                settings["hidden_sigma"],
+                "0 for an MLP without hidden layers (model.hidden=[]): there are no hidden activations to perturb",
+            )
 
     def model_layer(self, site, generators):
         key = {"input": "input_sigma", "dense": "hidden_sigma", "conv": "hidden_sigma"}.get(site.where)

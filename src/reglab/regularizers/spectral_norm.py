@@ -36,9 +36,8 @@ from reglab.regularizers.base import Technique
 from reglab.specs import integer, number
 
 GENERATOR_OFFSET = 1009  # u, v draws: trainer.seed + this, so they never replay the batch order's stream
-WARMUP_ITERATIONS = (
-    15  # power iterations on the initial weights, as torch's spectral_norm runs on registration
-)
+# power iterations on the initial weights, as torch's spectral_norm runs on registration
+WARMUP_ITERATIONS = 15
 EPS = 1e-12  # F.normalize's guard against a zero vector, torch's default
 
 
@@ -66,9 +65,8 @@ class SpectralNorm(Technique):
 
     def setup(self, model: nn.Module) -> None:
         self.layers = [layer for layer in model.modules() if hasattr(layer, "weight_transform")]
-        self.pending = [True] * len(
-            self.layers
-        )  # a layer iterates once per step, in its first training forward
+        # a layer iterates once per step, in its first training forward
+        self.pending = [True] * len(self.layers)
         self.u: list[dict[int, Tensor]] = [{} for _ in self.layers]
         self.v: list[dict[int, Tensor]] = [{} for _ in self.layers]
         for k in self.members():
@@ -99,9 +97,8 @@ class SpectralNorm(Technique):
         return torch.stack(slices)
 
     def after_step(self, lrs):
-        self.pending = [True] * len(
-            self.layers
-        )  # the weights moved: the next training forward iterates again
+        # the weights moved: the next training forward iterates again
+        self.pending = [True] * len(self.layers)
 
     def final_metrics(self, member, model, x, y, batch_size):
         if self.settings[member] is None:

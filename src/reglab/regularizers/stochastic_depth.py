@@ -91,6 +91,12 @@ class StochasticDepth(Technique):
                 model,
                 "resmlp or resnet with regularizer=stochastic_depth (it drops residual blocks)",
             )
+        if model == "resnet" and len(cfg["model"]["channels"]) < 2:
+            raise ConfigError(
+                "model.channels",
+                cfg["model"]["channels"],
+                "at least two entries with regularizer=stochastic_depth (a stem, then one residual block per entry)",
+            )
 
     def model_layer(self, site, generators):
         if site.where != "branch":

@@ -77,6 +77,15 @@ class WeightAverage(Technique):
 
     order = 90  # after_step after every technique that moves the weights (proximal L1, max-norm): they are averaged
 
+    @classmethod
+    def check(cls, settings, cfg):
+        if {"swa", "ema"} <= set(cfg["regularizer"]):
+            raise ConfigError(
+                "regularizer",
+                "[swa,ema]",
+                "one weight average at a time, swa or ema (a run is evaluated with one averaged model)",
+            )
+
     def setup(self, model):
         from reglab.models import member_parameters
 
@@ -134,6 +143,7 @@ class SWA(WeightAverage):
 
     @classmethod
     def check(cls, settings, cfg):
+        super().check(settings, cfg)
         epochs = cfg["trainer"]["epochs"]
         if settings["start_epoch"] > epochs:
             raise ConfigError(
