@@ -8,7 +8,7 @@ ARGS ?=
 DIR ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep report test test-fast test-cluster cluster-up cluster-down lint format bench reproduce \
+.PHONY: help install train sweep report test test-slow test-all test-cluster bench-sweeps cluster-up cluster-down lint format bench reproduce \
 	figures wandb-sync clean
 
 help: ## list the targets
@@ -38,11 +38,14 @@ report: $(STAMP) ## comparison report of a multirun directory: make report DIR=o
 	@test -n "$(DIR)" || { echo "usage: make report DIR=<multirun directory>"; exit 2; }
 	$(PY) -m reglab.report $(DIR)
 
-test: $(STAMP) ## run the whole test suite
-	$(PY) -m pytest -q
-
-test-fast: $(STAMP) ## the tests without the slow end-to-end ones
+test: $(STAMP) ## the test suite without the slow end-to-end runs (cluster tests too when a cluster answers)
 	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP) ## only the slow end-to-end runs (impl pairs through train.py, resume after SIGTERM, ...)
+	$(PY) -m pytest -q -m slow
+
+test-all: $(STAMP) ## every test: make test and make test-slow in one run
+	$(PY) -m pytest -q
 
 test-cluster: $(STAMP) ## only the tests against a SLURM cluster (make cluster-up first; ~2.5 min)
 	$(PY) -m pytest -q -m cluster
@@ -63,6 +66,9 @@ format: $(STAMP) ## ruff format and autofix
 
 bench: $(STAMP) ## speed and memory benchmark; writes docs/performance.md
 	$(PY) benchmarks/bench.py $(ARGS)
+
+bench-sweeps: $(STAMP) ## whole sweeps: stacked vs basic and joblib launchers (~20 min); writes docs/performance.md
+	$(PY) benchmarks/stacked_sweeps.py $(ARGS)
 
 reproduce: $(STAMP) ## run every experiment preset (3 seeds each) and write docs/results.md (~7 min)
 	$(PY) -m reglab.reproduce $(ARGS)
