@@ -14,7 +14,9 @@ import torch
 from reglab import checkpoint
 from tests.conftest import ROOT, TINY, job_dirs, read_metrics, read_summary, run_train
 
-pytestmark = pytest.mark.slow  # subprocess runs, signals and sweeps: `make test` skips them (`make test-slow` runs them)
+pytestmark = (
+    pytest.mark.slow
+)  # subprocess runs, signals and sweeps: `make test` skips them (`make test-slow` runs them)
 
 QUICK = ["logger=none", "trainer.plots=false", "trainer.save_weights=false"]
 

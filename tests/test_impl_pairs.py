@@ -8,7 +8,9 @@ import pytest
 
 from tests.conftest import job_dirs, read_metrics, read_summary, run_train
 
-pytestmark = pytest.mark.slow  # whole training runs through train.py: `make test` skips them (`make test-slow` runs them)
+pytestmark = (
+    pytest.mark.slow
+)  # whole training runs through train.py: `make test` skips them (`make test-slow` runs them)
 
 QUICK = [
     "logger=none",

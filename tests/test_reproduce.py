@@ -58,3 +58,20 @@ def test_the_cnn_note_names_the_conv_dropout_setting_that_validation_selects():
     ]
     text = reproduce.conv_dropout_choice(runs)
     assert "selects channel p=0.3 dropout" in text and "90.0" in text and "95.0" not in text
+
+
+def test_the_readme_table_is_rewritten_between_its_markers_only(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"intro\n{reproduce.README_START}\nold table 1.23\n{reproduce.README_END}\noutro 4.56\n"
+    )
+    outcomes = {
+        "dropout": reproduce.Outcome("p=0.5: gap 12.6", "smaller gap", True),
+        "sam": reproduce.Outcome("gap 37.4 vs 38.3", "smaller gap", False),
+    }
+    reproduce.write_readme_table(readme, outcomes)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro 4.56\n") and "old table" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "`" in line]
+    assert rows[0].startswith("| 6 | `dropout` |") and rows[0].endswith("| p=0.5: gap 12.6 | yes |")
+    assert rows[1].endswith("| gap 37.4 vs 38.3 | **no** |") and len(rows) == 2

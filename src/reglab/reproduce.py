@@ -690,6 +690,11 @@ def main(argv: list[str] | None = None) -> int:
         "--judge-only", action="store_true", help="run nothing: judge the sweeps already there"
     )
     parser.add_argument(
+        "--readme",
+        default=str(ROOT / "README.md"),
+        help="the file whose findings table to rewrite (between its findings markers; '' for none)",
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="extra overrides for every sweep (e.g. trainer.epochs=5)"
     )
     args = parser.parse_args(argv)
@@ -720,8 +725,35 @@ def main(argv: list[str] | None = None) -> int:
     figures = [str(f.relative_to(out.parent)) for f in copy_figures(sweeps, out.parent / "figures")]
     write_results(out, outcomes, runs, figures)
     write_job_records(out.with_suffix(".json"), results)
+    if args.readme:
+        write_readme_table(Path(args.readme), outcomes)
     print(f"[reproduce] wrote {out} and {out.with_suffix('.json')}")
     return 0
+
+
+README_START, README_END = "<!-- findings:start -->", "<!-- findings:end -->"
+
+
+def write_readme_table(path: Path, outcomes: dict[str, Outcome]) -> None:
+    """The README's findings table, between its markers: every judged finding with reglab's numbers as
+    docs/results.md states them, so that the README never quotes a number the code no longer produces."""
+    text = path.read_text() if path.exists() else ""
+    if README_START not in text or README_END not in text:
+        return
+    rows = [
+        "| # | preset | finding | reglab, mean ± std over 3 seeds | holds |",
+        "|---|---|---|---|---|",
+    ]
+    for number, finding in enumerate(FINDINGS, 1):
+        if finding.preset in outcomes:
+            o = outcomes[finding.preset]
+            rows.append(
+                f"| {number} | `{finding.preset}` | {finding.question} ({finding.reference}) | {o.measured} | "
+                f"{'yes' if o.holds else '**no**'} |"
+            )
+    before, rest = text.split(README_START, 1)
+    after = rest.split(README_END, 1)[1]
+    path.write_text(before + README_START + "\n" + "\n".join(rows) + "\n" + README_END + after)
 
 
 RECORDED = (
