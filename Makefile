@@ -70,7 +70,7 @@ bench: $(STAMP) ## speed and memory benchmark; writes docs/performance.md
 bench-sweeps: $(STAMP) ## whole sweeps: stacked vs basic and joblib launchers (~20 min); writes docs/performance.md
 	$(PY) benchmarks/stacked_sweeps.py $(ARGS)
 
-reproduce: $(STAMP) ## run every experiment preset (3 seeds each) and write docs/results.md (~7 min)
+reproduce: $(STAMP) ## run every experiment preset (3 seeds each) and write docs/results.md and the README table (~30-50 min)
 	$(PY) -m reglab.reproduce $(ARGS)
 
 figures: $(STAMP) ## remake the README's example figures in docs/figures (a default run and make sweep, ~2 min)
