@@ -175,7 +175,7 @@ def test_a_preempted_then_requeued_job_ends_exactly_like_an_uninterrupted_run(tm
     args = [*RUN, "trainer.epochs=60"]
     # a 20-minute limit: submitit counts the SIGUSR2 below as a pre-emption, which max_num_timeout=0 still allows
     process = start_sweep(
-        ["hydra.launcher.timeout_min=20", "hydra.launcher.max_num_timeout=0", *slow(0.2), *args],
+        ["hydra.launcher.timeout_min=20", "hydra.launcher.max_num_timeout=0", *slow(0.5), *args],
         sweep,
         tmp_path,
         data_root,
