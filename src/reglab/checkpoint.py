@@ -125,7 +125,7 @@ def restore(payload: dict, k: int, member, model, optimizer, regs) -> None:
     member.history = truncate_metrics(
         path.parent / "metrics.jsonl", member.run_dir / "metrics.jsonl", member.epoch
     )
-    print(f"[reglab] resumed {member.run_dir} from {path} at epoch {member.epoch}")
+    print(f"[reglab] resumed {member.run_dir} from {path} at epoch {member.epoch}", flush=True)
 
 
 def _as_tuples(value):

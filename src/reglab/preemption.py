@@ -90,7 +90,7 @@ def after_interrupt(stop: Interrupted, run_dir: Path, overrides: list[str], resu
     handler = submitit_handler(signum)
     if handler is not None:
         return hand_to_submitit(handler, stop, Path(run_dir), overrides)
-    print(f"[reglab] {stop.signal_name}: checkpoint written; {how_to_continue(resume_hint)}")
+    print(f"[reglab] {stop.signal_name}: checkpoint written; {how_to_continue(resume_hint)}", flush=True)
     raise SystemExit(128 + signum)
 
 
@@ -100,7 +100,7 @@ def after_stack_interrupt(stop: Interrupted, members: list, resume_hint: str) ->
     signum = signal.Signals[stop.signal_name]
     handler = submitit_handler(signum)
     if handler is None:
-        print(f"[reglab] {stop.signal_name}: checkpoints written; {how_to_continue(resume_hint)}")
+        print(f"[reglab] {stop.signal_name}: checkpoints written; {how_to_continue(resume_hint)}", flush=True)
         raise SystemExit(128 + signum)
     from submitit.core.utils import UncompletedJobError
 
@@ -195,4 +195,4 @@ def resume_when_requeued(trainer: dict, run_dir: Path) -> None:
     if requeued and trainer["resume"] is False:
         trainer["resume"] = True
         why = f"restart {restarts} by SLURM" if restarts else "requeued by submitit"
-        print(f"[reglab] {why}: resuming from the checkpoint in {run_dir}")
+        print(f"[reglab] {why}: resuming from the checkpoint in {run_dir}", flush=True)
