@@ -662,8 +662,8 @@ def write_results(
             continue
         o, info = outcomes[finding.preset], runs[finding.preset]
         lines.append(
-            f"| {number} | `{finding.preset}` | {finding.question} | {finding.reference} | {o.measured} | "
-            f"{o.expected} | {'yes' if o.holds else '**no**'} | {info['finished']}/{info['jobs']} |"
+            f"| {number} | `{finding.preset}` | {finding.question} | {finding.reference} | {table_cell(o.measured)} | "
+            f"{table_cell(o.expected)} | {'yes' if o.holds else '**no**'} | {info['finished']}/{info['jobs']} |"
         )
     notes = [
         (f.preset, outcomes[f.preset].note)
@@ -731,6 +731,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def table_cell(text: str) -> str:
+    """Text for a Markdown table cell: a literal | (as in |w|) would end the cell."""
+    return text.replace("|", "\\|")
+
+
 README_START, README_END = "<!-- findings:start -->", "<!-- findings:end -->"
 
 
@@ -748,7 +753,7 @@ def write_readme_table(path: Path, outcomes: dict[str, Outcome]) -> None:
         if finding.preset in outcomes:
             o = outcomes[finding.preset]
             rows.append(
-                f"| {number} | `{finding.preset}` | {finding.question} ({finding.reference}) | {o.measured} | "
+                f"| {number} | `{finding.preset}` | {finding.question} ({finding.reference}) | {table_cell(o.measured)} | "
                 f"{'yes' if o.holds else '**no**'} |"
             )
     before, rest = text.split(README_START, 1)
