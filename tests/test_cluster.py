@@ -183,7 +183,7 @@ def test_a_preempted_then_requeued_job_ends_exactly_like_an_uninterrupted_run(tm
     wait_for(lambda: epochs_logged(sweep / "0") >= 5, "epoch 5", process)
     (job_id,) = slurm_job_ids(sweep)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # submitit's pre-emption notice
-    wait_for(lambda: "resumed from" in job_log(sweep, job_id), "the requeued job's start", process)
+    wait_for(lambda: "[reglab] resumed " in job_log(sweep, job_id), "the requeued job's start", process)
     resumed_at = epochs_logged(sweep / "0")
     wait_for(lambda: epochs_logged(sweep / "0") >= resumed_at + 3, "3 more epochs", process)
     subprocess.run(["scontrol", "requeue", job_id], check=True)  # what PreemptMode=REQUEUE does
