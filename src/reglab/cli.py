@@ -15,12 +15,11 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
-from reglab.errors import BAD_INPUT, ConfigError
+from reglab.errors import BAD_INPUT
 from reglab.preemption import Interrupted, after_interrupt, resume_when_requeued
-from reglab.schema import validate
+from reglab.schema import resolved, validate
 
 PARALLEL_LAUNCHERS = ("joblib", "submitit", "ray")
 
@@ -126,15 +125,6 @@ def print_job_line(idx: int, member) -> None:
         f"[reglab] job {idx}: {summary['status']} after {summary['epochs_run']} epochs, "
         f"val {100 * summary['val/acc']:.1f}%, test {100 * summary['test/acc']:.1f}% ({member.run_dir})"
     )
-
-
-def resolved(cfg: DictConfig) -> dict:
-    """The config as plain containers; a broken interpolation becomes a ConfigError like any other bad value."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "config"
-        raise ConfigError(key, getattr(err, "value", None), str(err).splitlines()[0]) from None
 
 
 def job_facts(hydra, multirun: bool):

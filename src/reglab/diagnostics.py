@@ -428,6 +428,16 @@ def diagnose(history: Sequence[Mapping], summary: Mapping) -> list[str]:
 # Plots (matplotlib imported lazily; bare Figures, freed when the function returns)
 
 
+def _figure(size: tuple[float, float], margins: dict):
+    """A bare Figure with fixed margins: a layout engine (constrained, tight) measures every text box first and
+    cost ~0.15 s per figure here, about half of drawing it; every run writes three of them."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size)
+    figure.subplots_adjust(**margins)
+    return figure
+
+
 def _save(figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -454,9 +464,7 @@ def plot_curves(
 ) -> Path:
     """curves.png: loss (left) and accuracy (right) per epoch, training vs validation, with vertical markers at
     the best epoch, the overfitting onset and the early stop (each only if given). Returns `path`."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    figure = _figure((11, 4.2), dict(left=0.06, right=0.985, bottom=0.12, top=0.88, wspace=0.18))
     loss_axes, acc_axes = figure.subplots(1, 2)
     markers = [
         (best_epoch, "best epoch", "tab:green", "--"),
@@ -473,7 +481,7 @@ def plot_curves(
         axes.set_xlabel("epoch")
         axes.set_ylabel(ylabel)
         axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
+        axes.legend(fontsize="small", loc="upper center" if metric == "loss" else "lower right")
     acc_axes.set_ylim(0, 1.02)
     figure.suptitle(title or "training vs validation")
     return _save(figure, path)
@@ -482,8 +490,6 @@ def plot_curves(
 def plot_reliability(logits: Tensor, targets: Tensor, path: str | Path, n_bins: int = 15) -> Path:
     """reliability.png: accuracy per top-label confidence bin against the diagonal of perfect calibration, with
     each bin's share of the samples as a faint histogram and the ECE in the title. Returns `path`."""
-    from matplotlib.figure import Figure
-
     _, confidences, correct = _top_label(logits, targets)
     counts, n_correct, _ = _calibration_bins(confidences, correct, n_bins).cpu().unbind(dim=1)
     ece = expected_calibration_error(confidences, correct, n_bins).item()
@@ -491,7 +497,7 @@ def plot_reliability(logits: Tensor, targets: Tensor, path: str | Path, n_bins: 
     filled = counts > 0
     accuracy = torch.where(filled, n_correct / counts.clamp(min=1), torch.nan).tolist()
 
-    figure = Figure(figsize=(5.5, 5), layout="constrained")
+    figure = _figure((5.5, 5), dict(left=0.13, right=0.97, bottom=0.1, top=0.92))
     axes = figure.subplots()
     share = (counts / counts.sum().clamp(min=1)).tolist()
     axes.bar(
@@ -519,14 +525,14 @@ def plot_reliability(logits: Tensor, targets: Tensor, path: str | Path, n_bins: 
 def plot_weight_histogram(weights: Sequence[Tensor], path: str | Path, n_bins: int = 60) -> Path:
     """weights.png: histogram of |w| (log x axis) over one model's weight tensors (ndim >= 2), with the fraction of
     exact zeros (which a log axis cannot show) in the title and the 1e-3 "small" threshold marked. Returns `path`."""
-    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
     weights = [w.detach() for w in weights]
     magnitudes = torch.cat([w.flatten().float().cpu() for w in weights]).abs() if weights else torch.zeros(0)
     zero_frac = (magnitudes == 0).float().mean().item() if magnitudes.numel() else 0.0
     log_magnitudes = magnitudes[magnitudes > 0].log10()
 
-    figure = Figure(figsize=(6.5, 4.2), layout="constrained")
+    figure = _figure((6.5, 4.2), dict(left=0.12, right=0.97, bottom=0.12, top=0.9))
     axes = figure.subplots()
     if log_magnitudes.numel():
         low, high = log_magnitudes.min().item(), log_magnitudes.max().item() + 1e-6
@@ -534,9 +540,10 @@ def plot_weight_histogram(weights: Sequence[Tensor], path: str | Path, n_bins: i
         edges = torch.logspace(low, high, n_bins + 1, dtype=torch.float64)
         axes.stairs(counts.numpy(), edges.numpy(), fill=True, alpha=0.7, label="nonzero weights")
         axes.set_xscale("log")
+        axes.xaxis.set_minor_locator(NullLocator())  # ticks at decades only: each tick costs time to draw
     axes.axvline(1e-3, color="tab:red", linestyle=":", linewidth=1, label="|w| = 1e-3 (small)")
     axes.set_xlabel("|w|")
     axes.set_ylabel("number of weights")
-    axes.legend(fontsize="small", title=f"exact zeros: {zero_frac:.1%}")
+    axes.legend(fontsize="small", title=f"exact zeros: {zero_frac:.1%}", loc="upper left")
     axes.set_title(f"|w| of {magnitudes.numel():,} weights in {len(weights)} tensors")
     return _save(figure, path)

@@ -9,9 +9,13 @@ not written here: each technique declares its keys and its own cross-key rules i
 
 from __future__ import annotations
 
+import shutil
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from reglab.errors import ConfigError
 from reglab.specs import (
@@ -67,7 +71,7 @@ SCHEMA: dict[str, Mapping] = {
         "eval_batch_size": integer(1),
         "seed": integer(0),
         "device": choice("auto", "cpu", "cuda"),
-        "threads": integer(1),
+        "threads": either(choice("auto"), integer(1)),
         "lr_schedule": choice("constant", "cosine"),
         "flush_denormal": boolean(),
         "fused_optimizer": boolean(),
@@ -238,17 +242,39 @@ class ValidateSweep(Callback):
             return
         jobs = grid_jobs(config)
         print("\n".join(describe_grid(jobs)), flush=True)
+        if str(config.hydra.launcher.get("_target_", "")) in VALIDATING_LAUNCHERS:
+            return  # it composes every job before it sets any up, and checks each then: no need to compose twice
         for overrides in jobs:
-            try:
-                validate(composed_job(overrides))
-            except ConfigError as err:
-                import sys
+            stop_on_bad_job(composed_job(overrides), overrides)
 
-                print(
-                    f"reglab: error: {err} (sweep job: {' '.join(overrides)}); no job was started",
-                    file=sys.stderr,
-                )
-                raise SystemExit(2) from None
+
+# launchers that check every job with `stop_on_bad_job` before they start any (hydra_plugins/reglab_stacked_launcher)
+VALIDATING_LAUNCHERS = ("hydra_plugins.reglab_stacked_launcher.StackedLauncher",)
+
+
+def stop_on_bad_job(cfg, overrides: list[str], sweep_dir: Path | None = None) -> None:
+    """One sweep job's config (a DictConfig without Hydra's node, or plain containers) checked before any job
+    starts: a bad value stops the sweep with one line and exit status 2, and `sweep_dir` is removed when it holds
+    nothing but the multirun.yaml Hydra wrote into it."""
+    try:
+        validate(resolved(cfg) if isinstance(cfg, DictConfig) else cfg)
+    except ConfigError as err:
+        print(f"reglab: error: {err} (sweep job: {' '.join(overrides)}); no job was started", file=sys.stderr)
+        if sweep_dir is not None and {p.name for p in sweep_dir.glob("*")} <= {"multirun.yaml"}:
+            shutil.rmtree(sweep_dir, ignore_errors=True)
+        raise SystemExit(2) from None
+
+
+def resolved(cfg) -> dict:
+    """A DictConfig as plain containers; a broken interpolation becomes a ConfigError like any other bad value."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError(key, getattr(err, "value", None), str(err).splitlines()[0]) from None
 
 
 def swept_values(jobs: list[list[str]]) -> dict[str, list[str]]:

@@ -37,12 +37,8 @@ def prepare_jobs(hydra_context: HydraContext, config: DictConfig, jobs: list[tup
     from reglab.cli import prepare_member
 
     returns, members = {}, {}
-    for idx, overrides in jobs:
+    for idx, overrides, sweep_config in composed(hydra_context, config, jobs):
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-        sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
-        with open_dict(sweep_config):
-            sweep_config.hydra.job.id = idx
-            sweep_config.hydra.job.num = idx
         ret = run_job(
             hydra_context=hydra_context,
             task_function=prepare_member,  # sets the job up (directory, validation); training comes later
@@ -54,6 +50,26 @@ def prepare_jobs(hydra_context: HydraContext, config: DictConfig, jobs: list[tup
         if ret.status == JobStatus.COMPLETED and ret.return_value is not None:
             members[idx] = ret.return_value
     return returns, members
+
+
+def composed(hydra_context: HydraContext, config: DictConfig, jobs: list[tuple[int, list[str]]]):
+    """Every job's config, composed once and validated before any job is set up: a bad value stops the sweep with
+    one line, as reglab's sweep check does for other launchers (schema.CheckSweep, which leaves these jobs to this
+    launcher so that no config is composed twice), and takes the sweep directory that Hydra just made with it."""
+    from reglab.schema import stop_on_bad_job
+
+    ready = []
+    for idx, overrides in jobs:
+        sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+        task = sweep_config.copy()
+        with open_dict(task):
+            del task["hydra"]
+        stop_on_bad_job(task, overrides, sweep_dir=Path(str(config.hydra.sweep.dir)))
+        ready.append((idx, overrides, sweep_config))
+    return ready
 
 
 def with_objectives(returns: dict[int, JobReturn], objectives: dict[int, float]) -> list[JobReturn]:
