@@ -13,6 +13,7 @@ issue 10 ("Train a whole sweep as one batched model"):
 
     python benchmarks/stacked_sweeps.py            # ~20 minutes on 2 cores; rewrites its block of docs/performance.md
     python benchmarks/stacked_sweeps.py --smoke    # tiny sizes, about a minute, writes nothing
+    python benchmarks/stacked_sweeps.py --only cnn1d   # one workload (by a word of its name), writes nothing
     python benchmarks/stacked_sweeps.py --device cuda --jobs 256 --basic-jobs 16 --no-write-docs   # on a GPU
 
 On a GPU the basic launcher's 256 jobs would take hours: `--basic-jobs N` times it on the grid's first N jobs and
@@ -188,11 +189,14 @@ def parse_args(argv=None):
     parser.add_argument("--data-root", type=Path, default=ROOT / "data")
     parser.add_argument("--docs", type=Path, default=bench.DOCS)
     parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction)
+    parser.add_argument(
+        "--only", nargs="+", metavar="WORD", help="run only the workloads whose name holds one of these words"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.jobs = 8
     if args.write_docs is None:
-        args.write_docs = not args.smoke and args.device == "cpu"
+        args.write_docs = not args.smoke and args.device == "cpu" and not args.only
     return args
 
 
@@ -205,7 +209,8 @@ def main(argv=None) -> int:
     bench.prepare_data(args.data_root)
     started, rows = time.perf_counter(), []
     load_before = os.getloadavg()[0]
-    for workload in workloads(args):
+    chosen = [w for w in workloads(args) if not args.only or any(word in w.name for word in args.only)]
+    for workload in chosen:
         times = {}
         for launcher in workload.launchers:
             times[launcher] = run_sweep(args, workload, launcher, workdir, env)

@@ -191,13 +191,15 @@ def test_wandb_unreachable_never_fails_the_run(tmp_path, data_root, monkeypatch)
             assert secret.encode() not in path.read_bytes(), path
 
 
-def test_an_invalid_value_anywhere_in_a_grid_stops_the_sweep_before_any_job(tmp_path, data_root):
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=stacked"]], ids=["basic", "stacked"])
+def test_an_invalid_value_anywhere_in_a_grid_stops_the_sweep_before_any_job(tmp_path, data_root, launcher):
     sweep = tmp_path / "sweep"
     result = run_train(
         [
             "-m",
             *QUICK,
             *TINY,
+            *launcher,
             "regularizer=dropout",
             "regularizer.dropout.p=0.2,1.5",
             f"hydra.sweep.dir={sweep}",
@@ -209,7 +211,7 @@ def test_an_invalid_value_anywhere_in_a_grid_stops_the_sweep_before_any_job(tmp_
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("reglab: error")]
     assert len(errors) == 1 and "regularizer.dropout.p=1.5 is not allowed" in errors[0]
-    assert not sweep.exists() or not job_dirs(sweep)  # no job started
+    assert not sweep.exists()  # no job started, and nothing left behind
 
 
 def test_bad_input_only_the_data_reveals_is_recorded_and_the_sweep_goes_on(tmp_path, data_root):

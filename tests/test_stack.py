@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from reglab.loop import Job, Member, train_stack
+from reglab.loop import Job, Member, thread_count, train_stack
 from tests.conftest import read_metrics, read_summary
 from tests.test_loop import config
 
@@ -150,10 +152,13 @@ def test_a_stacked_job_equals_its_lone_run_bit_for_bit(alone_and_stacked, name):
     summary, lone = read_summary(stacked), read_summary(alone)
     stack_size = next(len(stack) for stack in STACKS if name in stack)
     assert summary["stack"]["size"] == stack_size and lone["stack"]["size"] == 1
+    # trainer.threads=auto: the lone run on one thread, the stack on one per member up to the cores, so on a machine
+    # with several cores this also shows that the thread count leaves a member's results alone
+    assert lone["threads"] == 1 and summary["threads"] == min(stack_size, len(os.sched_getaffinity(0)))
     # sharpness (a diagnostic of the final model, one gradient over all training samples at once) agrees to rounding
     # only: with spectral norm's transform in the stack, that large reduction's gradient rounds differently
     assert summary["sharpness"] == pytest.approx(lone["sharpness"], rel=1e-4, abs=1e-7)
-    varying = ("wall_time_s", "train_time_s", "stack", "run_dir", "sharpness")
+    varying = ("wall_time_s", "train_time_s", "stack", "run_dir", "sharpness", "threads")
     assert {k: v for k, v in summary.items() if k not in varying} == {
         k: v for k, v in lone.items() if k not in varying
     }
@@ -194,3 +199,11 @@ def test_identical_members_of_a_cnn_stack_stay_identical(tmp_path, data_root):
     train_stack(members)
     rows = [read_metrics(tmp_path / str(k)) for k in range(3)]
     assert without_time(rows[1]) == without_time(rows[0]) == without_time(rows[2])
+
+
+def test_auto_threads_are_one_alone_and_one_per_member_up_to_the_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert thread_count("auto", 1) == 1
+    assert thread_count("auto", 2) == min(2, cores)
+    assert thread_count("auto", 48) == cores
+    assert thread_count(3, 1) == 3  # a number is taken as it is

@@ -9,6 +9,7 @@ process do not accumulate figures.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -164,6 +165,18 @@ def weight_statistics(weights: Sequence[Tensor], small: float = 1e-3) -> dict[st
     }
 
 
+@contextlib.contextmanager
+def one_thread():
+    """LAPACK splits an SVD across threads with other rounding: a diagnostic that uses one runs on one thread, so that
+    a member of a stack (as many threads as members, up to the cores) reports what its lone run (one) does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def spectral_norms(weights: Sequence[Tensor]) -> dict[str, float]:
     """The largest singular value σ_max of each weight matrix (a kernel [out, in, k…] as the matrix [out, in·k…],
     as spectral normalization sees it): "weights/sigma_max" = the largest over the layers, "weights/lipschitz_bound"
@@ -174,8 +187,8 @@ def spectral_norms(weights: Sequence[Tensor]) -> dict[str, float]:
         return {}
     if not all(torch.isfinite(m).all() for m in matrices):  # a diverged model: no SVD of NaNs
         return {"weights/sigma_max": math.nan, "weights/lipschitz_bound": math.nan}
-    sigmas = [torch.linalg.matrix_norm(m, ord=2) for m in matrices]
-    values = torch.stack(sigmas).tolist()
+    with one_thread():
+        values = torch.stack([torch.linalg.matrix_norm(m, ord=2) for m in matrices]).tolist()
     return {"weights/sigma_max": max(values), "weights/lipschitz_bound": math.prod(values)}
 
 

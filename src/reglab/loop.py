@@ -686,6 +686,7 @@ def finish(
     statistics = {**diagnostics.weight_statistics(weights), **diagnostics.spectral_norms(weights)}
     summary = build_summary(member, regs.names(k), final, statistics, selection)
     summary["device"] = str(stack.device)
+    summary["threads"] = torch.get_num_threads()  # trainer.threads as it ran (auto: 1 alone, more in a stack)
     summary.update(measured)  # test/last_*, sharpness
     summary.update(temperature_scaling(logits["val"][k], data.y_val, logits["test"][k], data.y_test))
     summary.update(regs.final_metrics(k, model, data.x_test, data.y_test, stack.trainer["eval_batch_size"]))
