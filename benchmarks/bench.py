@@ -249,7 +249,7 @@ def grid_size(sizes: SimpleNamespace) -> int:
 GRID_LAUNCHERS = {  # how each grid variant is launched: its extra overrides
     "basic": [],
     "joblib": ["hydra/launcher=joblib"],
-    "stacked": ["hydra/launcher=stacked"],
+    "stacked, 1 thread": ["hydra/launcher=stacked", "trainer.threads=1"],
     "stacked, 2 threads": ["hydra/launcher=stacked", "trainer.threads=2"],
 }
 
@@ -508,8 +508,8 @@ def grid_rows(grids: dict[str, list[float]], sizes) -> list[Row]:
     grid = f"{grid_size(sizes)}-job grid ({sizes.grid_epochs} epochs each)"
     pairs = [
         ("basic", "joblib", MAX_JOBLIB_GRID),
-        ("basic", "stacked", MAX_STACKED_GRID),
-        ("joblib", "stacked", MAX_STACKED_VS_JOBLIB),
+        ("basic", "stacked, 1 thread", MAX_STACKED_GRID),
+        ("joblib", "stacked, 1 thread", MAX_STACKED_VS_JOBLIB),
         ("joblib", "stacked, 2 threads", MAX_STACKED_VS_JOBLIB),
     ]
     return [
