@@ -47,7 +47,14 @@ def start(args: list[str], cwd, data_root) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigterm_checkpoints_every_member_and_resume_finishes_them_exactly(tmp_path, data_root):
+# resumed as a stack again, or each job alone: a member's optimizer state is saved per member even where the
+# optimizer updated its weights in a block with the others (models.member_block)
+@pytest.mark.parametrize(
+    "resume_stack",
+    [[], pytest.param(["hydra.launcher.max_stack=1"], marks=pytest.mark.slow)],
+    ids=["stacked", "alone"],
+)
+def test_sigterm_checkpoints_every_member_and_resume_finishes_them_exactly(tmp_path, data_root, resume_stack):
     args = [*QUICK, "trainer.epochs=30", "trainer.checkpoint_every=0", "hydra/launcher=stacked"]
     args += [
         "regularizer=[dropout,early_stopping]",
@@ -66,7 +73,8 @@ def test_sigterm_checkpoints_every_member_and_resume_finishes_them_exactly(tmp_p
     assert process.returncode == 128 + signal.SIGTERM, (out, err)
     assert "trainer.resume=true" in out
     assert all((job / "checkpoint.pt").exists() for job in job_dirs(interrupted))
-    run_train(["-m", *args, "trainer.resume=true", f"hydra.sweep.dir={interrupted}"], tmp_path, data_root)
+    resume = ["-m", *args, *resume_stack, "trainer.resume=true", f"hydra.sweep.dir={interrupted}"]
+    run_train(resume, tmp_path, data_root)
 
     straight = tmp_path / "straight"
     run_train(["-m", *args, f"hydra.sweep.dir={straight}"], tmp_path, data_root)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from reglab.errors import FINISHED, CheckpointError
-from reglab.models import MemberView, member_parameters
+from reglab.models import MemberView, find_block, member_parameters
 from reglab.tracking import write_atomic
 
 FORMAT = "reglab-checkpoint-2"
@@ -39,9 +39,7 @@ def save(member, k: int, model, optimizer, regs) -> Path:
         "format": FORMAT,
         "epoch": member.epoch,
         "model": MemberView(model, k).state_dict(),
-        "optimizer": {
-            name: optimizer.state[p] for name, p in member_parameters(model, k) if p in optimizer.state
-        },
+        "optimizer": member_optimizer_state(optimizer, model, k),
         "regularizers": regs.state_dict(k),
         "best_tracker": member.best.state_dict(),
         "rng_batches": member.batch_generator.get_state(),
@@ -94,16 +92,51 @@ def load_for_resume(member) -> dict | None:
     return payload
 
 
+def member_optimizer_state(optimizer, model, k: int) -> dict[str, dict]:
+    """Member k's optimizer state by parameter name, as a lone run's optimizer holds it: from its own tensors, or
+    its slice of the block that holds it (models.member_block)."""
+    states = {}
+    for name, view in member_parameters(model, k):
+        held = find_block(model, name, k)
+        tensor, index = held if held is not None else (view, None)
+        state = optimizer.state.get(tensor)
+        if state:
+            states[name] = {key: _member_slice(value, tensor, index) for key, value in state.items()}
+    return states
+
+
+def _member_slice(value, tensor, index):
+    """A block's state entry shaped like the block holds one slice per member; the step count is the block's."""
+    if index is None or not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
+        return value
+    return value[index].clone()
+
+
+def restore_optimizer_state(optimizer, model, k: int, states: dict[str, dict]) -> None:
+    """Put member k's optimizer state back: into its own tensors' state, or into its slice of its block's (made
+    as the optimizer makes it: zeros the size of the block, the step count as saved)."""
+    views = dict(member_parameters(model, k))
+    for name, state in states.items():
+        held = find_block(model, name, k)
+        if held is None:
+            view = views[name]
+            optimizer.state[view] = {key: value.to(view.device) for key, value in state.items()}
+            continue
+        block, index = held
+        block_state = optimizer.state[block]
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == block.shape[1:] and value.ndim > 0:
+                block_state.setdefault(key, torch.zeros_like(block))[index].copy_(value)
+            else:
+                block_state[key] = value.to(block.device) if isinstance(value, torch.Tensor) else value
+
+
 def restore(payload: dict, k: int, member, model, optimizer, regs) -> None:
     """Put member k back where its checkpoint left it."""
     path = Path(payload["path"])
     try:
         MemberView(model, k).load_state_dict(payload["model"])
-        params = dict(member_parameters(model, k))
-        for name, state in payload["optimizer"].items():
-            optimizer.state[params[name]] = {
-                key: value.to(params[name].device) for key, value in state.items()
-            }
+        restore_optimizer_state(optimizer, model, k, payload["optimizer"])
         regs.load_state_dict(k, payload["regularizers"])
         member.best.load_state_dict(payload["best_tracker"])
     except (RuntimeError, ValueError, KeyError, AttributeError) as err:

@@ -40,6 +40,7 @@ from reglab.models import (
     Architecture,
     MemberView,
     build_model,
+    in_blocks,
     member_parameters,
     member_weights,
     predict,
@@ -319,6 +320,8 @@ def build_optimizer(stack: Stack, model: nn.Module, regs: Regularization) -> tor
     param_groups = [g for g in groups.values() if g["params"]]
     for group in param_groups:
         group["initial_lr"] = group["lr"]
+        if not regs.second_pass:  # a second pass (SAM) puts gradients of its own into the members' views
+            group["params"] = in_blocks(model, group["params"])
     fused = stack.trainer["fused_optimizer"] and stack.device.type in ("cuda", "cpu")
     # fused: one kernel for the whole update instead of several per tensor, ~1.3x faster steps here
     if stack.members[0].cfg["optimizer"]["name"] == "sgd":
@@ -328,8 +331,7 @@ def build_optimizer(stack: Stack, model: nn.Module, regs: Regularization) -> tor
 
 def describe_optimizer(optimizer, model: nn.Module, member: int) -> dict:
     """The optimizer member k actually trains with: its class as PyTorch names it and its group settings."""
-    mine = {id(p) for _, p in member_parameters(model, member)}
-    groups = [g for g in optimizer.param_groups if any(id(p) in mine for p in g["params"])]
+    groups = [g for g in optimizer.param_groups if member in g["members"]]
     decayed = max(groups, key=lambda g: g["weight_decay"])
     name = type(optimizer).__name__
     if decayed.get("decoupled_weight_decay"):

@@ -370,14 +370,81 @@ def _slices(model: nn.Module) -> list[tuple[str, nn.Parameter, list[Tensor]]]:
     return model.__dict__["_member_slices"]
 
 
+# A fused CPU optimizer kernel computes 8 (AVX2) or 16 (AVX-512) elements at a time and a tensor's remaining few in
+# a scalar loop that rounds differently (aten/src/ATen/native/cpu/FusedAdamKernel.cpp). A block of members updates
+# each member exactly as its own tensor only when every member starts on a lane boundary and no member's elements
+# fall into the block's scalar tail, i.e. when a member's element count is a multiple of the widest vector.
+BLOCK_ALIGNMENT = 16
+
+
+def blockable(param: Tensor) -> bool:
+    """Whether the optimizer may update several members of this stacked parameter as one tensor, bit for bit as it
+    would update each alone (weights here; a bias of 100 units is not, and its members stay tensors of their own)."""
+    return param[0].numel() % BLOCK_ALIGNMENT == 0
+
+
+def member_block(model: nn.Module, name: str, first: int, stop: int) -> Tensor:
+    """A leaf view of members first..stop-1 of parameter `name` as one tensor [stop - first, ...], made once and
+    kept: the optimizer updates a run of members that share its settings in one call per tensor instead of one per
+    member (each call costs more than the arithmetic of a small layer). Its gradient comes from `share_gradients`."""
+    blocks = unwrapped(model).__dict__.setdefault("_member_blocks", {})
+    if (name, first, stop) not in blocks:
+        param = unwrapped(model).get_parameter(name)
+        blocks[(name, first, stop)] = param.detach()[first:stop].requires_grad_()
+    return blocks[(name, first, stop)]
+
+
+def in_blocks(model: nn.Module, views: list[Tensor]) -> list[Tensor]:
+    """Members' parameter views (from `member_parameters`) that share the optimizer's settings, with every run of
+    consecutive members of a `blockable` parameter replaced by one `member_block`."""
+    owner = {id(view): (name, k) for name, _, slices in _slices(model) for k, view in enumerate(slices)}
+    members: dict[str, list[int]] = {}
+    for view in views:
+        name, k = owner[id(view)]
+        members.setdefault(name, []).append(k)
+    tensors = []
+    for name, param, slices in _slices(model):
+        for first, stop in runs(sorted(set(members.get(name, [])))):
+            if blockable(param) and stop - first > 1:
+                tensors.append(member_block(model, name, first, stop))
+            else:
+                tensors += slices[first:stop]
+    return tensors
+
+
+def runs(numbers: list[int]) -> list[tuple[int, int]]:
+    """[0, 1, 2, 5, 6] -> [(0, 3), (5, 7)]: the runs of consecutive numbers, as ranges."""
+    found: list[tuple[int, int]] = []
+    for n in numbers:
+        if found and found[-1][1] == n:
+            found[-1] = (found[-1][0], n + 1)
+        else:
+            found.append((n, n + 1))
+    return found
+
+
+def find_block(model: nn.Module, name: str, member: int) -> tuple[Tensor, int] | None:
+    """The block of parameter `name` that holds `member`, and the member's index in it (None: no block holds it)."""
+    for (block_name, first, stop), block in unwrapped(model).__dict__.get("_member_blocks", {}).items():
+        if block_name == name and first <= member < stop:
+            return block, member - first
+    return None
+
+
 def share_gradients(model: nn.Module, members: list[int]) -> None:
     """Hand each listed member its slice of the stacked gradients (views, no copy); the others get none, so the
-    optimizer skips them. Then the stacked gradients are dropped: the next backward pass starts afresh."""
+    optimizer skips them (in a block a member that has finished is updated on: its records are written, and the
+    block's others are not touched by it). Then the stacked gradients are dropped: the next backward pass starts
+    afresh."""
+    model = unwrapped(model)
     for _, param, slices in _slices(model):
         for view in slices:
             view.grad = None
         for k in members:
             slices[k].grad = param.grad[k]
+    for (name, first, stop), block in model.__dict__.get("_member_blocks", {}).items():
+        block.grad = model.get_parameter(name).grad[first:stop]
+    for _, param, _ in _slices(model):
         param.grad = None
 
 
