@@ -300,10 +300,11 @@ def keep_freed_memory() -> None:
 def build_optimizer(stack: Stack, model: nn.Module, regs: Regularization) -> torch.optim.Optimizer:
     """One optimizer for the whole stack, with each member's own hyperparameters in its parameter groups.
 
-    Members whose settings (lr, betas, weight decay, ..., and epoch) agree share a group, so that a fused optimizer
-    updates them in one call; every tensor is still updated on its own, exactly as in a lone run. A group's
-    `initial_lr` and `epoch` let the learning-rate schedule run per group. Techniques may claim some of a member's
-    parameters with settings of their own (`optimizer_groups`: L2 through the optimizer's weight decay)."""
+    Members whose settings (lr, betas, weight decay, ..., and epoch) agree share a group, and each run of
+    consecutive members in a group is updated as one block per parameter (models.member_block): one call per
+    tensor costs more than a small layer's arithmetic. A group's `initial_lr` and `epoch` let the learning-rate
+    schedule run per group. Techniques may claim some of a member's parameters with settings of their own
+    (`optimizer_groups`: L2 through the optimizer's weight decay)."""
     groups: dict[tuple, dict] = {}
     for k, m in enumerate(stack.members):
         plain = optimizer_hyperparameters(m.cfg["optimizer"])
@@ -317,16 +318,35 @@ def build_optimizer(stack: Stack, model: nn.Module, regs: Regularization) -> tor
             )
             group["params"] += params
             group["members"].append(k)
-    param_groups = [g for g in groups.values() if g["params"]]
-    for group in param_groups:
-        group["initial_lr"] = group["lr"]
-        if not regs.second_pass:  # a second pass (SAM) puts gradients of its own into the members' views
-            group["params"] = in_blocks(model, group["params"])
     fused = stack.trainer["fused_optimizer"] and stack.device.type in ("cuda", "cpu")
+    param_groups = []
+    for group in (g for g in groups.values() if g["params"]):
+        group["initial_lr"] = group["lr"]
+        for params, kernel in by_kernel(group["params"], fused, stack.device):
+            param_groups.append({**group, **kernel, "params": in_blocks(model, params)})
     # fused: one kernel for the whole update instead of several per tensor, ~1.3x faster steps here
     if stack.members[0].cfg["optimizer"]["name"] == "sgd":
         return torch.optim.SGD(param_groups, fused=fused or None)
     return torch.optim.Adam(param_groups, fused=fused or None)
+
+
+def by_kernel(params: list[Tensor], fused: bool, device: torch.device) -> list[tuple[list[Tensor], dict]]:
+    """A group's members' parameters split by the update kernel that keeps each member exact in a block.
+
+    The fused CPU kernel computes 8 (AVX2) or 16 (AVX-512) elements at a time and a tensor's last few one by one
+    with other rounding (aten/src/ATen/native/cpu/FusedAdamKernel.cpp), so a member of a block is updated as it
+    would be alone only when its element count is a multiple of 16 (the weights here). The others (biases of 100
+    or 10 units) take the for-loop update, whose elementwise operations round alike wherever an element sits; in
+    a lone run as well, so that lone and stacked runs agree bit for bit."""
+    if not fused or device.type != "cpu":
+        return [(params, {})]
+    aligned = [p for p in params if p.numel() % FUSED_LANES == 0]
+    rest = [p for p in params if p.numel() % FUSED_LANES != 0]
+    return [(chosen, kernel) for chosen, kernel in ((aligned, {}), (rest, UNFUSED)) if chosen]
+
+
+FUSED_LANES = 16  # float32 elements in the widest vector of a fused CPU optimizer kernel (AVX-512)
+UNFUSED = {"fused": False, "foreach": False}  # torch.optim's for-loop implementation, one tensor at a time
 
 
 def describe_optimizer(optimizer, model: nn.Module, member: int) -> dict:

@@ -370,19 +370,6 @@ def _slices(model: nn.Module) -> list[tuple[str, nn.Parameter, list[Tensor]]]:
     return model.__dict__["_member_slices"]
 
 
-# A fused CPU optimizer kernel computes 8 (AVX2) or 16 (AVX-512) elements at a time and a tensor's remaining few in
-# a scalar loop that rounds differently (aten/src/ATen/native/cpu/FusedAdamKernel.cpp). A block of members updates
-# each member exactly as its own tensor only when every member starts on a lane boundary and no member's elements
-# fall into the block's scalar tail, i.e. when a member's element count is a multiple of the widest vector.
-BLOCK_ALIGNMENT = 16
-
-
-def blockable(param: Tensor) -> bool:
-    """Whether the optimizer may update several members of this stacked parameter as one tensor, bit for bit as it
-    would update each alone (weights here; a bias of 100 units is not, and its members stay tensors of their own)."""
-    return param[0].numel() % BLOCK_ALIGNMENT == 0
-
-
 def member_block(model: nn.Module, name: str, first: int, stop: int) -> Tensor:
     """A leaf view of members first..stop-1 of parameter `name` as one tensor [stop - first, ...], made once and
     kept: the optimizer updates a run of members that share its settings in one call per tensor instead of one per
@@ -396,27 +383,27 @@ def member_block(model: nn.Module, name: str, first: int, stop: int) -> Tensor:
 
 def in_blocks(model: nn.Module, views: list[Tensor]) -> list[Tensor]:
     """Members' parameter views (from `member_parameters`) that share the optimizer's settings, with every run of
-    consecutive members of a `blockable` parameter replaced by one `member_block`."""
+    consecutive members of a parameter replaced by one `member_block`."""
     owner = {id(view): (name, k) for name, _, slices in _slices(model) for k, view in enumerate(slices)}
     members: dict[str, list[int]] = {}
     for view in views:
         name, k = owner[id(view)]
         members.setdefault(name, []).append(k)
     tensors = []
-    for name, param, slices in _slices(model):
+    for name, _, slices in _slices(model):
         for first, stop in runs(sorted(set(members.get(name, [])))):
-            if blockable(param) and stop - first > 1:
+            if stop - first > 1:
                 tensors.append(member_block(model, name, first, stop))
             else:
                 tensors += slices[first:stop]
     return tensors
 
 
-def runs(numbers: list[int]) -> list[tuple[int, int]]:
-    """[0, 1, 2, 5, 6] -> [(0, 3), (5, 7)]: the runs of consecutive numbers, as ranges."""
+def runs(numbers: list[int], key: Callable[[int], object] = lambda n: None) -> list[tuple[int, int]]:
+    """[0, 1, 2, 5, 6] -> [(0, 3), (5, 7)]: the runs of consecutive numbers (with equal `key`), as ranges."""
     found: list[tuple[int, int]] = []
     for n in numbers:
-        if found and found[-1][1] == n:
+        if found and found[-1][1] == n and key(n) == key(found[-1][0]):
             found[-1] = (found[-1][0], n + 1)
         else:
             found.append((n, n + 1))

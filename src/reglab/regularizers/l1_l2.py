@@ -170,6 +170,15 @@ class WeightNormTechnique(Technique):
     def strength(self, member: int) -> float:
         return self.settings[member][self.strength_key]
 
+    def decayed_blocks(self, model, first: int, stop: int) -> list[Tensor]:
+        """The weights of members first..stop-1 that decay acts on, one block per parameter (models.member_block):
+        a finished member's slice may change afterwards, when its records are written."""
+        from reglab.models import member_block, member_parameters
+
+        decayed = {id(p) for p in self.params[first]}
+        names = [name for name, view in member_parameters(model, first) if id(view) in decayed]
+        return [member_block(model, name, first, stop) for name in names]
+
     def in_mode(self, mode: str, impl: str | None = None) -> list[int]:
         return [
             k
@@ -261,10 +270,21 @@ class L2(WeightNormTechnique):
         by = "the optimizer's own weight_decay" if self.optimizer_groups(member) else s["impl"]
         return f"l2 {how} ({by}; biases {'excluded' if s['exclude_bias_and_norm'] else 'included'})"
 
+    def setup(self, model):
+        from reglab.models import runs
+
+        super().setup(model)
+        # grad += λ·w for a run of consecutive members with the same settings as one operation per weight tensor,
+        # made now so that their gradients are shared from the first step on (models.share_gradients)
+        self.coupled = [
+            (self.decayed_blocks(model, first, stop), self.strength(first))
+            for first, stop in runs(self.in_mode("coupled", "scratch"), key=lambda k: self.settings[k])
+        ]
+
     def before_step(self, lrs):
-        for k in self.in_mode("coupled", "scratch"):
-            # grad += λ·w, as SGD/Adam do inside
-            coupled_weight_decay_(self.params[k], self.strength(k))
+        for weights, weight_decay in self.coupled:
+            # grad += λ·w, as SGD/Adam do inside (elementwise: each member's slice as if alone)
+            coupled_weight_decay_(weights, weight_decay)
         for k in self.in_mode("decoupled", "scratch"):
             decoupled_weight_decay_(self.params[k], lrs[k], self.strength(k))
 

@@ -75,7 +75,8 @@ class SAM(Technique):
                     p.copy_(w)  # back to w: the optimizer steps from there with ∇L(w + ε̂)
         for k, grads in kept.items():
             for p, g in zip(self.parameters[k], grads, strict=True):
-                p.grad = g
+                if g is not None:  # in place: a block of members (models.member_block) shares this gradient
+                    p.grad.copy_(g)
 
     def describe(self, member):
         s = self.settings[member]
