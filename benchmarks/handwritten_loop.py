@@ -4,7 +4,7 @@ This is the loop a typical user writes, with PyTorch's defaults: a `DataLoader` 
 (shuffled, batch 100), `torch.optim.Adam(lr=1e-2)` (no fused kernel, denormals not flushed), a validation pass
 after every epoch and one test evaluation at the end. It trains the same network (MLP 40-100-100-10) on the same
 MNIST-1D train/validation/test split as `python train.py` (loaded through reglab's data module, so the arrays are
-identical), for the same 150 epochs, on one CPU thread (reglab's default `trainer.threads=1`).
+identical), for the same 150 epochs, on one CPU thread (what reglab's default `trainer.threads=auto` gives a lone run).
 
 It prints one JSON line, with its timings defined exactly like reglab's:
     train_time_s  the training steps only (summed over epochs, evaluation excluded) = summary.json train_time_s

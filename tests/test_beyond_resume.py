@@ -1,4 +1,4 @@
-"""SWA, EMA, SAM and spectral norm keep their state in checkpoints: an interrupted, resumed run ends exactly like an
+"""SWA, EMA, SAM, spectral norm and coupled L2 keep their state in checkpoints: an interrupted, resumed run ends exactly like an
 uninterrupted one (the averages, counts, u and v, and SAM's replayed dropout noise)."""
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ TECHNIQUES = {
         "regularizer.dropout.p=0.3",
     ],
     "ema": ["regularizer=ema", "regularizer.ema.decay=0.9"],
+    # coupled decay acts on blocks of its own (models.member_block): Adam's state must still come back
+    "l2_coupled": ["regularizer=l2", "regularizer.l2.weight_decay=0.01"],
 }
 
 

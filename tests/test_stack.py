@@ -207,3 +207,31 @@ def test_auto_threads_are_one_alone_and_one_per_member_up_to_the_cores():
     assert thread_count("auto", 2) == min(2, cores)
     assert thread_count("auto", 48) == cores
     assert thread_count(3, 1) == 3  # a number is taken as it is
+
+
+def test_a_stack_on_several_threads_sums_as_its_lone_runs_do(tmp_path, data_root):
+    """Weights of 256 x 256: a sum over more than 32768 numbers, which torch splits between threads with other
+    rounding; the stack (one thread per member) takes its metrics on one thread, as the lone runs do."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: the stack runs on one thread too")
+    jobs = {"wide0": ["model.hidden=[256,256]"], "wide1": ["model.hidden=[256,256]", "trainer.seed=1"]}
+    extra = ["trainer.epochs=2", "dataset.n_train=300", "trainer.plots=false"]
+    for name in jobs:
+        (tmp_path / name).mkdir()
+        (tmp_path / "stacked" / name).mkdir(parents=True)
+    for name, overrides in jobs.items():
+        train_stack([Member(cfg=config(data_root, *extra, *overrides), run_dir=tmp_path / name, job=Job())])
+    stacked = [
+        Member(cfg=config(data_root, *extra, *overrides), run_dir=tmp_path / "stacked" / name, job=Job())
+        for name, overrides in jobs.items()
+    ]
+    train_stack(stacked)
+    varying = ("wall_time_s", "train_time_s", "stack", "run_dir", "threads")
+    for name in jobs:
+        alone, together = tmp_path / name, tmp_path / "stacked" / name
+        assert read_summary(together)["threads"] == 2
+        assert without_time(read_metrics(together)) == without_time(read_metrics(alone))
+        summary, lone = read_summary(together), read_summary(alone)
+        assert {k: v for k, v in summary.items() if k not in varying} == {
+            k: v for k, v in lone.items() if k not in varying
+        }

@@ -57,9 +57,11 @@ def start(args: list[str], cwd, data_root) -> subprocess.Popen:
 def test_sigterm_checkpoints_every_member_and_resume_finishes_them_exactly(tmp_path, data_root, resume_stack):
     args = [*QUICK, "trainer.epochs=30", "trainer.checkpoint_every=0", "hydra/launcher=stacked"]
     args += [
-        "regularizer=[dropout,early_stopping]",
+        "regularizer=[dropout,early_stopping,l2]",
         "regularizer.early_stopping.patience=100",
-        "trainer.seed=0,1,2",
+        # coupled decay updates runs of 2 members, the optimizer one block of 4: each keeps its state
+        "regularizer.l2.weight_decay=0.01,0.001",
+        "trainer.seed=0,1",
     ]
     interrupted = tmp_path / "interrupted"
     process = start([*args, f"hydra.sweep.dir={interrupted}"], tmp_path, data_root)

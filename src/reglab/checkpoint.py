@@ -95,14 +95,19 @@ def load_for_resume(member) -> dict | None:
 def member_optimizer_state(optimizer, model, k: int) -> dict[str, dict]:
     """Member k's optimizer state by parameter name, as a lone run's optimizer holds it: from its own tensors, or
     its slice of the block that holds it (models.member_block)."""
+    held = optimizer_tensors(optimizer)
     states = {}
     for name, view in member_parameters(model, k):
-        held = find_block(model, name, k)
-        tensor, index = held if held is not None else (view, None)
+        block = find_block(model, name, k, held)
+        tensor, index = block if block is not None else (view, None)
         state = optimizer.state.get(tensor)
         if state:
             states[name] = {key: _member_slice(value, tensor, index) for key, value in state.items()}
     return states
+
+
+def optimizer_tensors(optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
 def _member_slice(value, tensor, index):
@@ -115,20 +120,27 @@ def _member_slice(value, tensor, index):
 def restore_optimizer_state(optimizer, model, k: int, states: dict[str, dict]) -> None:
     """Put member k's optimizer state back: into its own tensors' state, or into its slice of its block's (made
     as the optimizer makes it: zeros the size of the block, the step count as saved)."""
-    views = dict(member_parameters(model, k))
+    views, held = dict(member_parameters(model, k)), optimizer_tensors(optimizer)
     for name, state in states.items():
-        held = find_block(model, name, k)
-        if held is None:
+        block = find_block(model, name, k, held)
+        if block is None:
             view = views[name]
-            optimizer.state[view] = {key: value.to(view.device) for key, value in state.items()}
+            optimizer.state[view] = {key: _to(value, view.device) for key, value in state.items()}
             continue
-        block, index = held
-        block_state = optimizer.state[block]
+        tensor, index = block
+        tensor_state = optimizer.state[tensor]
         for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.shape == block.shape[1:] and value.ndim > 0:
-                block_state.setdefault(key, torch.zeros_like(block))[index].copy_(value)
-            else:
-                block_state[key] = value.to(block.device) if isinstance(value, torch.Tensor) else value
+            # a member's slice of a per-element entry (moments, momentum buffer); a step count is the block's
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape == tensor.shape[1:]:
+                if tensor_state.get(key) is None:
+                    tensor_state[key] = torch.zeros_like(tensor)
+                tensor_state[key][index].copy_(value)
+            elif key not in tensor_state or value is not None:
+                tensor_state[key] = _to(value, tensor.device)
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def restore(payload: dict, k: int, member, model, optimizer, regs) -> None:

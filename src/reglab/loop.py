@@ -52,10 +52,10 @@ from reglab.regularizers.base import Targets
 from reglab.regularizers.early_stopping import EarlyStopping
 from reglab.tracking import RunRecord, resolve_wandb_mode, start_wandb, write_summary
 
-MALLOC_TRIM_THRESHOLD, MALLOC_MMAP_THRESHOLD = (
-    -1,
-    -3,
-)  # glibc's mallopt parameters (malloc.h: M_TRIM_THRESHOLD, ...)
+# glibc's mallopt parameters (malloc.h) and the values reglab asks for: keep up to 1 GiB of freed heap memory, and
+# serve blocks up to 1 GiB from the heap (a glibc that refuses so high a threshold gets its own maximum, 32 MiB)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+HEAP_BLOCKS, HEAP_BLOCKS_FALLBACK = 1 << 30, 32 << 20
 FIT_ACCURACY = 0.99  # `fit_epoch`: the first epoch with this training accuracy (how fast a model memorizes)
 
 
@@ -110,6 +110,7 @@ class Stack:
     members: list[Member]
     trainer: dict  # the same for every member (only trainer.seed may differ)
     device: torch.device = torch.device("cpu")
+    threads: int = 1  # torch's CPU threads for the stack's training and evaluation passes
     stop_requested: str | None = None
 
     def running(self) -> list[tuple[int, Member]]:
@@ -161,7 +162,8 @@ def already_finished(member: Member) -> bool:
 def prepare(stack: Stack):
     """Process settings, data, regularizers, model and optimizer; each member restored from its checkpoint on resume."""
     cfg = stack.members[0].cfg
-    stack.device = setup_process(stack.trainer, stack.members[0].seed, len(stack.members))
+    stack.threads = thread_count(stack.trainer["threads"], len(stack.members))
+    stack.device = setup_process(stack.trainer, stack.members[0].seed, stack.threads)
     data = load_stack_data([m.cfg["dataset"] for m in stack.members])
     data = data.to(stack.device, keep_train_on_host=stack.trainer["loader"] == "dataloader")
     regs = build_regularization(
@@ -257,9 +259,9 @@ def objective(summary: dict) -> float:
     return math.nan if value is None else value
 
 
-def setup_process(trainer: dict, seed: int, members: int = 1) -> torch.device:
+def setup_process(trainer: dict, seed: int, threads: int = 1) -> torch.device:
     """Threads, memory, denormals, seeds and device: the process-wide settings, all explicit in the config."""
-    torch.set_num_threads(thread_count(trainer["threads"], members))
+    torch.set_num_threads(threads)
     keep_freed_memory()
     # tiny values (< 1.2e-38) become 0 instead of denormal floats, which CPUs compute slowly
     torch.set_flush_denormal(trainer["flush_denormal"])
@@ -286,13 +288,15 @@ def thread_count(threads: int | str, members: int) -> int:
 
 
 def keep_freed_memory() -> None:
-    """Ask glibc to serve large blocks from its heap and keep them when freed. By default every block over 128 KiB is
-    a fresh mmap, so each large activation of a stack (or evaluation batch) is new memory the kernel must zero page
-    by page: measured here, that made a 48-member evaluation pass 1.6x slower. No-op where glibc is not the libc."""
+    """Ask glibc to serve large blocks from its heap and keep them when freed. Otherwise a large block (an
+    activation of a stack, an evaluation batch) is a fresh mmap each time, new memory the kernel zeroes page by page:
+    measured here (glibc 2.36), an 80 MB block took 20481 page faults per allocation, 3072 with these settings, and
+    a 48-member evaluation pass ran 1.6x faster. No-op where glibc is not the libc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(MALLOC_MMAP_THRESHOLD, 1 << 30)
-        libc.mallopt(MALLOC_TRIM_THRESHOLD, 1 << 30)
+        libc.mallopt(M_TRIM_THRESHOLD, HEAP_BLOCKS)
+        if not libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS):
+            libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS_FALLBACK)
     except (OSError, AttributeError):
         pass
 
@@ -322,31 +326,13 @@ def build_optimizer(stack: Stack, model: nn.Module, regs: Regularization) -> tor
     param_groups = []
     for group in (g for g in groups.values() if g["params"]):
         group["initial_lr"] = group["lr"]
-        for params, kernel in by_kernel(group["params"], fused, stack.device):
-            param_groups.append({**group, **kernel, "params": in_blocks(model, params)})
+        # the fused CPU kernel rounds a tensor's last few elements apart (models.in_blocks)
+        blocks = in_blocks(model, group["params"], lanes=fused and stack.device.type == "cpu")
+        param_groups.append({**group, "params": blocks})
     # fused: one kernel for the whole update instead of several per tensor, ~1.3x faster steps here
     if stack.members[0].cfg["optimizer"]["name"] == "sgd":
         return torch.optim.SGD(param_groups, fused=fused or None)
     return torch.optim.Adam(param_groups, fused=fused or None)
-
-
-def by_kernel(params: list[Tensor], fused: bool, device: torch.device) -> list[tuple[list[Tensor], dict]]:
-    """A group's members' parameters split by the update kernel that keeps each member exact in a block.
-
-    The fused CPU kernel computes 8 (AVX2) or 16 (AVX-512) elements at a time and a tensor's last few one by one
-    with other rounding (aten/src/ATen/native/cpu/FusedAdamKernel.cpp), so a member of a block is updated as it
-    would be alone only when its element count is a multiple of 16 (the weights here). The others (biases of 100
-    or 10 units) take the for-loop update, whose elementwise operations round alike wherever an element sits; in
-    a lone run as well, so that lone and stacked runs agree bit for bit."""
-    if not fused or device.type != "cpu":
-        return [(params, {})]
-    aligned = [p for p in params if p.numel() % FUSED_LANES == 0]
-    rest = [p for p in params if p.numel() % FUSED_LANES != 0]
-    return [(chosen, kernel) for chosen, kernel in ((aligned, {}), (rest, UNFUSED)) if chosen]
-
-
-FUSED_LANES = 16  # float32 elements in the widest vector of a fused CPU optimizer kernel (AVX-512)
-UNFUSED = {"fused": False, "foreach": False}  # torch.optim's for-loop implementation, one tensor at a time
 
 
 def describe_optimizer(optimizer, model: nn.Module, member: int) -> dict:
@@ -604,16 +590,17 @@ def epoch_metrics(model, data: DataSplits, regs, losses, lrs: list[float], stack
             **{f"val/{name}": v for name, v in val[k].items()},
         }
     numbers = as_floats_nested(values)
-    return [
-        {
-            **numbers[k],
-            "gap/val_loss": numbers[k]["val/loss"] - numbers[k]["train/loss"],
-            "gap/val_acc": numbers[k]["train/acc"] - numbers[k]["val/acc"],
-            **diagnostics.weight_statistics(member_weights(model, k)),
-            "lr": lrs[k],
-        }
-        for k in range(members)
-    ]
+    with diagnostics.one_thread():  # as in `evaluate`
+        return [
+            {
+                **numbers[k],
+                "gap/val_loss": numbers[k]["val/loss"] - numbers[k]["train/loss"],
+                "gap/val_acc": numbers[k]["train/acc"] - numbers[k]["val/acc"],
+                **diagnostics.weight_statistics(member_weights(model, k)),
+                "lr": lrs[k],
+            }
+            for k in range(members)
+        ]
 
 
 @torch.inference_mode()
@@ -628,7 +615,10 @@ def predict_all(model: nn.Module, x: Tensor, batch_size: int, members: int) -> T
 def evaluate(model, x: Tensor, y: Tensor, batch_size: int) -> list[dict[str, Tensor]]:
     """Per member: loss (= nll), acc, ece, confidence as 0-d tensors, no host sync. y is [K, N]."""
     logits = predict_all(model, x, batch_size, len(y))
-    return [scores(logits[k], y[k]) for k in range(len(logits))]
+    # a sum of over 32768 numbers is split between threads, with other rounding: a member's metrics are taken on one
+    # thread, as in its lone run (trainer.threads=auto gives a stack more)
+    with diagnostics.one_thread():
+        return [scores(logits[k], y[k]) for k in range(len(logits))]
 
 
 @torch.inference_mode()
@@ -661,7 +651,8 @@ def finish_members(ending: list[int], model, data: DataSplits, regs: Regularizat
     for k in ending:
         member = stack.members[k]
         try:
-            finish(k, member, model, data, regs, logits, last_weights[k], measured[k], stack)
+            with diagnostics.one_thread():  # its metrics and diagnostics as in its lone run (see `evaluate`)
+                finish(k, member, model, data, regs, logits, last_weights[k], measured[k], stack)
         except Exception as err:
             member.status = "failed"
             record_failure(member, err)
@@ -681,10 +672,11 @@ def final_predictions(ending: list[int], model, data: DataSplits, regs: Regulari
     if restoring:
         # the models as training left them, to compare with the ones early stopping or an average puts back
         logits = predict_all(model, data.x_test, batch, len(stack.members))
-        for k in restoring:
-            measured[k] = {
-                f"test/last_{name}": v for name, v in as_floats(scores(logits[k], data.y_test)).items()
-            }
+        with diagnostics.one_thread():  # as in `evaluate`
+            for k in restoring:
+                measured[k] = {
+                    f"test/last_{name}": v for name, v in as_floats(scores(logits[k], data.y_test)).items()
+                }
     for k in restoring:
         regs.restore(k, MemberView(model, k))  # whatever ended training
     # sharpness on one evaluation batch of training samples (all of them for MNIST-1D), on the model's device
@@ -708,7 +700,7 @@ def finish(
     statistics = {**diagnostics.weight_statistics(weights), **diagnostics.spectral_norms(weights)}
     summary = build_summary(member, regs.names(k), final, statistics, selection)
     summary["device"] = str(stack.device)
-    summary["threads"] = torch.get_num_threads()  # trainer.threads as it ran (auto: 1 alone, more in a stack)
+    summary["threads"] = stack.threads  # trainer.threads as it ran (auto: 1 alone, more in a stack)
     summary.update(measured)  # test/last_*, sharpness
     summary.update(temperature_scaling(logits["val"][k], data.y_val, logits["test"][k], data.y_test))
     summary.update(regs.final_metrics(k, model, data.x_test, data.y_test, stack.trainer["eval_batch_size"]))

@@ -9,7 +9,6 @@ not written here: each technique declares its keys and its own cross-key rules i
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -100,7 +99,10 @@ SCHEMA: dict[str, Mapping] = {
     },
 }
 
-INSTANTIABLE = ("reglab.", "torch.")  # a config must never name arbitrary code to run
+INSTANTIABLE = ("reglab.", "torch.")
+STACKED_LAUNCHER = (
+    "hydra_plugins.reglab_stacked_launcher.StackedLauncher"  # a config must never name arbitrary code to run
+)
 
 
 def validate(cfg: Mapping) -> None:
@@ -242,14 +244,21 @@ class ValidateSweep(Callback):
             return
         jobs = grid_jobs(config)
         print("\n".join(describe_grid(jobs)), flush=True)
-        if str(config.hydra.launcher.get("_target_", "")) in VALIDATING_LAUNCHERS:
+        if launcher_checks_jobs(config):
             return  # it composes every job before it sets any up, and checks each then: no need to compose twice
         for overrides in jobs:
             stop_on_bad_job(composed_job(overrides), overrides)
 
 
-# launchers that check every job with `stop_on_bad_job` before they start any (hydra_plugins/reglab_stacked_launcher)
-VALIDATING_LAUNCHERS = ("hydra_plugins.reglab_stacked_launcher.StackedLauncher",)
+def launcher_checks_jobs(config) -> bool:
+    """Whether the launcher checks every job of the sweep with `stop_on_bad_job` before it starts any: the stacked
+    launcher does when the basic sweeper hands it the whole grid at once (no `max_batch_size`)."""
+    sweeper = config.hydra.sweeper
+    return (
+        str(config.hydra.launcher.get("_target_", "")) == STACKED_LAUNCHER
+        and "BasicSweeper" in str(sweeper.get("_target_", ""))
+        and sweeper.get("max_batch_size") is None
+    )
 
 
 def stop_on_bad_job(cfg, overrides: list[str], sweep_dir: Path | None = None) -> None:
@@ -260,8 +269,9 @@ def stop_on_bad_job(cfg, overrides: list[str], sweep_dir: Path | None = None) ->
         validate(resolved(cfg) if isinstance(cfg, DictConfig) else cfg)
     except ConfigError as err:
         print(f"reglab: error: {err} (sweep job: {' '.join(overrides)}); no job was started", file=sys.stderr)
-        if sweep_dir is not None and {p.name for p in sweep_dir.glob("*")} <= {"multirun.yaml"}:
-            shutil.rmtree(sweep_dir, ignore_errors=True)
+        if sweep_dir is not None and [p.name for p in sweep_dir.iterdir()] == ["multirun.yaml"]:
+            (sweep_dir / "multirun.yaml").unlink()
+            sweep_dir.rmdir()
         raise SystemExit(2) from None
 
 

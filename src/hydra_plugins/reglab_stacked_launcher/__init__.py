@@ -31,18 +31,30 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 log = logging.getLogger(__name__)
 
 
-def prepare_jobs(hydra_context: HydraContext, config: DictConfig, jobs: list[tuple[int, list[str]]]):
+def prepare_jobs(
+    hydra_context: HydraContext, config: DictConfig, jobs: list[tuple[int, list[str]]], check: bool = False
+):
     """Set every job up as Hydra's own launchers do (directory, `.hydra/` files, callbacks) without training it:
-    returns its `JobReturn` and, for a job whose config is valid, its stack `Member`, both by job number."""
-    from reglab.cli import prepare_member
+    returns its `JobReturn` and, for a job whose config is valid, its stack `Member`, both by job number.
 
+    `check`: first compose and validate every job (`reglab.schema.launcher_checks_jobs` says when), so that a bad
+    value stops the sweep with one line before any job is set up, and no config is composed twice."""
+    from reglab.cli import prepare_member
+    from reglab.schema import stop_on_bad_job
+
+    configs = [
+        (idx, overrides, sweep_config(hydra_context, config, idx, overrides)) for idx, overrides in jobs
+    ]
+    if check:
+        for _, overrides, composed in configs:
+            stop_on_bad_job(without_hydra(composed), overrides, sweep_dir=Path(str(config.hydra.sweep.dir)))
     returns, members = {}, {}
-    for idx, overrides, sweep_config in composed(hydra_context, config, jobs):
+    for idx, overrides, composed in configs:
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
         ret = run_job(
             hydra_context=hydra_context,
             task_function=prepare_member,  # sets the job up (directory, validation); training comes later
-            config=sweep_config,
+            config=composed,
             job_dir_key="hydra.sweep.dir",
             job_subdir_key="hydra.sweep.subdir",
         )
@@ -52,24 +64,23 @@ def prepare_jobs(hydra_context: HydraContext, config: DictConfig, jobs: list[tup
     return returns, members
 
 
-def composed(hydra_context: HydraContext, config: DictConfig, jobs: list[tuple[int, list[str]]]):
-    """Every job's config, composed once and validated before any job is set up: a bad value stops the sweep with
-    one line, as reglab's sweep check does for other launchers (schema.CheckSweep, which leaves these jobs to this
-    launcher so that no config is composed twice), and takes the sweep directory that Hydra just made with it."""
-    from reglab.schema import stop_on_bad_job
+def sweep_config(
+    hydra_context: HydraContext, config: DictConfig, idx: int, overrides: list[str]
+) -> DictConfig:
+    """Job `idx`'s config with Hydra's node, as Hydra's own launchers compose it."""
+    composed = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(composed):
+        composed.hydra.job.id = idx
+        composed.hydra.job.num = idx
+    return composed
 
-    ready = []
-    for idx, overrides in jobs:
-        sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
-        with open_dict(sweep_config):
-            sweep_config.hydra.job.id = idx
-            sweep_config.hydra.job.num = idx
-        task = sweep_config.copy()
-        with open_dict(task):
-            del task["hydra"]
-        stop_on_bad_job(task, overrides, sweep_dir=Path(str(config.hydra.sweep.dir)))
-        ready.append((idx, overrides, sweep_config))
-    return ready
+
+def without_hydra(composed: DictConfig) -> DictConfig:
+    """The job's own config: a copy without Hydra's node."""
+    task = composed.copy()
+    with open_dict(task):
+        del task["hydra"]
+    return task
 
 
 def with_objectives(returns: dict[int, JobReturn], objectives: dict[int, float]) -> list[JobReturn]:
@@ -110,8 +121,12 @@ class StackedLauncher(Launcher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        from reglab.schema import launcher_checks_jobs
+
         jobs = [(initial_job_idx + i, list(overrides)) for i, overrides in enumerate(job_overrides)]
-        returns, members = prepare_jobs(self.hydra_context, self.config, jobs)
+        returns, members = prepare_jobs(
+            self.hydra_context, self.config, jobs, launcher_checks_jobs(self.config)
+        )
         objectives = train_members(members, self.max_stack, str(self.config.hydra.sweep.dir))
         return with_objectives(returns, objectives)
 
@@ -154,11 +169,9 @@ class StackedSlurmLauncher(SlurmLauncher):
     def composed(self, overrides: list[str]) -> dict:
         """A job's config without Hydra's node, for grouping only (an unresolvable one trains in a stack of its own
         and fails there with its one-line error)."""
-        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        with open_dict(sweep_config):
-            del sweep_config["hydra"]
+        task = without_hydra(sweep_config(self.hydra_context, self.config, 0, overrides))
         try:
-            return OmegaConf.to_container(sweep_config, resolve=True)
+            return OmegaConf.to_container(task, resolve=True)
         except Exception:
             return {"unresolvable": overrides}
 

@@ -171,10 +171,12 @@ class WeightNormTechnique(Technique):
         return self.settings[member][self.strength_key]
 
     def decayed_blocks(self, model, first: int, stop: int) -> list[Tensor]:
-        """The weights of members first..stop-1 that decay acts on, one block per parameter (models.member_block):
-        a finished member's slice may change afterwards, when its records are written."""
+        """The weights of members first..stop-1 that decay acts on: one block per parameter (models.member_block),
+        or the member's own views for a run of one."""
         from reglab.models import member_block, member_parameters
 
+        if stop - first == 1:
+            return self.params[first]
         decayed = {id(p) for p in self.params[first]}
         names = [name for name, view in member_parameters(model, first) if id(view) in decayed]
         return [member_block(model, name, first, stop) for name in names]
@@ -279,7 +281,7 @@ class L2(WeightNormTechnique):
         self.coupled = [
             (self.decayed_blocks(model, first, stop), self.strength(first))
             for first, stop in runs(self.in_mode("coupled", "scratch"), key=lambda k: self.settings[k])
-        ]
+        ]  # fixed now: a member that finishes is decayed on with its block (models.share_gradients)
 
     def before_step(self, lrs):
         for weights, weight_decay in self.coupled:
