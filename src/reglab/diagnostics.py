@@ -167,8 +167,9 @@ def weight_statistics(weights: Sequence[Tensor], small: float = 1e-3) -> dict[st
 
 @contextlib.contextmanager
 def one_thread():
-    """LAPACK splits an SVD across threads with other rounding: a diagnostic that uses one runs on one thread, so that
-    a member of a stack (as many threads as members, up to the cores) reports what its lone run (one) does."""
+    """Run a block on one thread: torch splits a sum over more than 32768 numbers, and LAPACK an SVD, between threads
+    with other rounding, so metrics and diagnostics run here for a member of a stack (as many threads as members,
+    up to the cores) to report what its lone run (one thread) does."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

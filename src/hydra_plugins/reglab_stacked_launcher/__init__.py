@@ -117,12 +117,11 @@ class StackedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from reglab.cli import train_members
+        from reglab.schema import launcher_checks_jobs
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        from reglab.schema import launcher_checks_jobs
-
         jobs = [(initial_job_idx + i, list(overrides)) for i, overrides in enumerate(job_overrides)]
         returns, members = prepare_jobs(
             self.hydra_context, self.config, jobs, launcher_checks_jobs(self.config)

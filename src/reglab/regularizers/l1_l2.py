@@ -277,11 +277,12 @@ class L2(WeightNormTechnique):
 
         super().setup(model)
         # grad += λ·w for a run of consecutive members with the same settings as one operation per weight tensor,
-        # made now so that their gradients are shared from the first step on (models.share_gradients)
+        # made now so that their gradients are shared from the first step on (models.share_gradients); the runs
+        # stay as they are: a member that finishes is decayed on with its block, and nothing reads it afterwards
         self.coupled = [
             (self.decayed_blocks(model, first, stop), self.strength(first))
             for first, stop in runs(self.in_mode("coupled", "scratch"), key=lambda k: self.settings[k])
-        ]  # fixed now: a member that finishes is decayed on with its block (models.share_gradients)
+        ]
 
     def before_step(self, lrs):
         for weights, weight_decay in self.coupled:
