@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from reglab import diagnostics
 from reglab.loop import Job, Member, train_stack
 from tests.conftest import ROOT, TINY, job_dirs, read_metrics, read_summary, run_train
 from tests.test_loop import config
@@ -134,22 +133,16 @@ def test_an_unreachable_wandb_server_costs_a_stack_one_timeout(tmp_path, data_ro
     assert all(list((job / "wandb").glob("offline-run-*")) for job in job_dirs(sweep))
 
 
-def test_a_failure_while_finishing_one_member_fails_that_member_alone(tmp_path, data_root, monkeypatch):
+def test_a_failure_while_finishing_one_member_fails_that_member_alone(tmp_path, data_root):
+    """A figure that cannot be written (drawn in another process, in a stack) fails its member alone."""
     broken = tmp_path / "1"
-    real_plot = diagnostics.plot_curves
-
-    def plot_curves(history, path, **kwargs):
-        if path.parent == broken:
-            raise OSError("disk full")
-        return real_plot(history, path, **kwargs)
-
-    monkeypatch.setattr(diagnostics, "plot_curves", plot_curves)
+    (broken / "curves.png").mkdir(parents=True)  # savefig cannot write a file where a directory is
     members = []
     for k in range(3):
         cfg = config(
             data_root, "trainer.epochs=2", "dataset.n_train=300", "trainer.plots=true", f"trainer.seed={k}"
         )
-        (tmp_path / str(k)).mkdir()
+        (tmp_path / str(k)).mkdir(exist_ok=True)
         members.append(Member(cfg=cfg, run_dir=tmp_path / str(k), job=Job(multirun=True)))
     objectives = train_stack(members)
     assert [read_summary(tmp_path / str(k))["status"] for k in range(3)] == [
@@ -157,7 +150,8 @@ def test_a_failure_while_finishing_one_member_fails_that_member_alone(tmp_path, 
         "failed",
         "completed",
     ]
-    assert "disk full" in read_summary(broken)["error"]
+    assert "Is a directory" in read_summary(broken)["error"]
+    assert (tmp_path / "2" / "weights.png").is_file()
     assert math.isnan(objectives[1]) and not math.isnan(objectives[0])
 
 
@@ -255,3 +249,27 @@ def test_jobs_with_a_second_pass_train_in_stacks_of_their_own(data_root):
     stacks, reasons = group_into_stacks({i: config(data_root, *job) for i, job in enumerate(jobs)}, 64)
     assert stacks == [[0, 2], [1, 3]]
     assert reasons == ["jobs [1, 3] train apart from job 0's stack: passes per step=2 (not 1)"]
+
+
+def test_the_launcher_takes_the_config_the_sweeper_composed_instead_of_composing_it_again():
+    from hydra_plugins.reglab_stacked_launcher import ComposedOnce
+
+    class HydraLoader:
+        def __init__(self):
+            self.composed = []
+
+        def load_sweep_config(self, master_config, overrides):
+            self.composed.append(list(overrides))
+            return {"overrides": list(overrides)}
+
+        def list_groups(self, parent):
+            return ["model"]
+
+    loader = ComposedOnce(HydraLoader())
+    checked = loader.load_sweep_config(None, ["trainer.seed=1"])  # Hydra's sweeper checking the batch
+    assert loader.take(None, ["trainer.seed=1"]) is checked
+    again = loader.take(None, ["trainer.seed=1"])  # handed out once: a second take composes afresh
+    assert again == checked and again is not checked
+    assert loader.loader.composed == [["trainer.seed=1"], ["trainer.seed=1"]]
+    assert loader.list_groups("") == ["model"]  # the rest is Hydra's loader
+

@@ -112,6 +112,7 @@ class Stack:
     device: torch.device = torch.device("cpu")
     threads: int = 1  # torch's CPU threads for the stack's training and evaluation passes
     stop_requested: str | None = None
+    plotter: diagnostics.Plotter = field(default_factory=diagnostics.Plotter)  # draws the runs' figures
 
     def running(self) -> list[tuple[int, Member]]:
         return [(k, m) for k, m in enumerate(self.members) if m.running]
@@ -144,6 +145,7 @@ def train_stack(members: list[Member]) -> list[float]:
         except Exception as err:
             fail_unfinished(stack, err)
         finally:
+            stack.plotter.close()
             for m in todo:  # also after a second Ctrl-C: W&B runs are always finished
                 if m.record is not None:
                     # an interrupted run is not a failed one: it will be resumed into the same W&B run
@@ -164,6 +166,8 @@ def prepare(stack: Stack):
     cfg = stack.members[0].cfg
     stack.threads = thread_count(stack.trainer["threads"], len(stack.members))
     stack.device = setup_process(stack.trainer, stack.members[0].seed, stack.threads)
+    if len(stack.members) > 1:  # the members of a stack mostly finish together: their figures drawn side by side
+        stack.plotter = diagnostics.Plotter(workers=stack.threads)
     data = load_stack_data([m.cfg["dataset"] for m in stack.members])
     data = data.to(stack.device, keep_train_on_host=stack.trainer["loader"] == "dataloader")
     regs = build_regularization(
@@ -271,7 +275,10 @@ def setup_process(trainer: dict, seed: int, threads: int = 1) -> torch.device:
     if trainer["deterministic"]:
         # cuBLAS needs a fixed workspace for reproducible matmuls; it reads this before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(trainer["deterministic"])  # process-wide: set for every job, on or off
+    # process-wide, so set for every job, on or off; only on a change, as its first call imports torch's compiler
+    # (~2 s of every run's start, measured)
+    if torch.are_deterministic_algorithms_enabled() != trainer["deterministic"]:
+        torch.use_deterministic_algorithms(trainer["deterministic"])
     if trainer["device"] == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(trainer["device"])
@@ -648,16 +655,24 @@ def finish_members(ending: list[int], model, data: DataSplits, regs: Regularizat
             record_failure(stack.members[k], err)
             regs.retire(k)
         return
+    finished = {}
     for k in ending:
         member = stack.members[k]
         try:
             with diagnostics.one_thread():  # its metrics and diagnostics as in its lone run (see `evaluate`)
-                finish(k, member, model, data, regs, logits, last_weights[k], measured[k], stack)
+                finished[k] = finish(k, member, model, data, regs, logits, last_weights[k], measured[k], stack)
         except Exception as err:
             member.status = "failed"
             record_failure(member, err)
         finally:
             regs.retire(k)
+    for k, (summary, figures) in finished.items():  # the figures were drawn meanwhile, side by side in a stack
+        member = stack.members[k]
+        try:
+            record_finished(member, summary, figures, quiet=member.job.parallel or len(stack.members) > 1)
+        except Exception as err:
+            member.status = "failed"
+            record_failure(member, err)
 
 
 def final_predictions(ending: list[int], model, data: DataSplits, regs: Regularization, stack: Stack):
@@ -691,7 +706,8 @@ def final_predictions(ending: list[int], model, data: DataSplits, regs: Regulari
 
 def finish(
     k: int, member: Member, model, data: DataSplits, regs, logits: dict, last_weights, measured, stack
-):
+) -> tuple[dict, list]:
+    """The member's summary and weight files; its figures handed to the stack's plotter (returns their Futures)."""
     cfg, run_dir = member.cfg, member.run_dir
     labels = {"train": data.y_train[k], "val": data.y_val, "test": data.y_test}
     final = {split: as_floats(scores(logits[split][k], labels[split])) for split in logits}
@@ -706,13 +722,19 @@ def finish(
     summary.update(regs.final_metrics(k, model, data.x_test, data.y_test, stack.trainer["eval_batch_size"]))
     if cfg["trainer"]["save_weights"]:
         save_weights(run_dir, last_weights, selection, regs.final_weights(k))
+    figures = []
     if cfg["trainer"]["plots"]:
-        member.record.log_images(write_plots(weights, logits["test"][k], data.y_test, member, summary))
+        figures = write_plots(stack.plotter, weights, logits["test"][k], data.y_test, member, summary)
+    return summary, figures
+
+
+def record_finished(member: Member, summary: dict, figures: list, quiet: bool) -> None:
+    """Once its figures are drawn: the member's summary on disk (and W&B), its checkpoint removed, a few lines."""
+    member.record.log_images([figure.result() for figure in figures])  # a figure that failed fails the member
     member.record.write_summary(summary)
     member.summary = summary
-    checkpoint.remove(run_dir)  # the run is over: the resumable checkpoint has done its job
-    quiet = member.job.parallel or len(stack.members) > 1
-    print_summary(summary, run_dir, diagnostics.diagnose(member.history, summary), quiet=quiet)
+    checkpoint.remove(member.run_dir)  # the run is over: the resumable checkpoint has done its job
+    print_summary(summary, member.run_dir, diagnostics.diagnose(member.history, summary), quiet=quiet)
 
 
 def temperature_scaling(val_logits: Tensor, val_y: Tensor, test_logits: Tensor, test_y: Tensor) -> dict:
@@ -840,20 +862,36 @@ def save_weights(run_dir: Path, last_weights: dict, best: EarlyStopping, average
         torch.save(averaged, run_dir / "averaged.pt")
 
 
-def write_plots(weights, test_logits: Tensor, test_y: Tensor, member: Member, summary: dict) -> list[Path]:
+def write_plots(plotter, weights, test_logits: Tensor, test_y: Tensor, member: Member, summary: dict) -> list:
+    """curves.png, reliability.png and weights.png of the member (Futures of their paths). Tensors go to a drawing
+    process as copies of their values (numpy arrays), not as shared memory."""
     run_dir = member.run_dir
-    stop_epoch = member.epoch if member.status == "early_stopped" else None
+    markers = {
+        "best_epoch": summary["best_epoch"],
+        "onset_epoch": summary["overfit_onset_epoch"],
+        "stop_epoch": member.epoch if member.status == "early_stopped" else None,
+    }
+    values = lambda tensor: tensor.detach().cpu().numpy().copy()  # noqa: E731
     return [
-        diagnostics.plot_curves(
-            member.history,
-            run_dir / "curves.png",
-            best_epoch=summary["best_epoch"],
-            onset_epoch=summary["overfit_onset_epoch"],
-            stop_epoch=stop_epoch,
-        ),
-        diagnostics.plot_reliability(test_logits, test_y, run_dir / "reliability.png"),
-        diagnostics.plot_weight_histogram(weights, run_dir / "weights.png"),
+        plotter.draw(draw_curves, member.history, run_dir / "curves.png", markers),
+        plotter.draw(draw_reliability, values(test_logits), values(test_y), run_dir / "reliability.png"),
+        plotter.draw(draw_weight_histogram, [values(w) for w in weights], run_dir / "weights.png"),
     ]
+
+
+# the drawing functions a plotter's process calls (arrays in, the figure's path out)
+
+
+def draw_curves(history: list[dict], path: Path, markers: dict) -> Path:
+    return diagnostics.plot_curves(history, path, **markers)
+
+
+def draw_reliability(logits, targets, path: Path) -> Path:
+    return diagnostics.plot_reliability(torch.from_numpy(logits), torch.from_numpy(targets), path)
+
+
+def draw_weight_histogram(weights: list, path: Path) -> Path:
+    return diagnostics.plot_weight_histogram([torch.from_numpy(w) for w in weights], path)
 
 
 def print_summary(summary: dict, run_dir: Path, diagnosis: list[str], quiet: bool) -> None:

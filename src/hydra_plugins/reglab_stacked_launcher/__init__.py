@@ -67,12 +67,39 @@ def prepare_jobs(
 def sweep_config(
     hydra_context: HydraContext, config: DictConfig, idx: int, overrides: list[str]
 ) -> DictConfig:
-    """Job `idx`'s config with Hydra's node, as Hydra's own launchers compose it."""
-    composed = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    """Job `idx`'s config with Hydra's node, as Hydra's own launchers compose it (or as the sweeper already did)."""
+    loader = hydra_context.config_loader
+    if isinstance(loader, ComposedOnce):
+        composed = loader.take(config, list(overrides))
+    else:
+        composed = loader.load_sweep_config(config, list(overrides))
     with open_dict(composed):
         composed.hydra.job.id = idx
         composed.hydra.job.num = idx
     return composed
+
+
+class ComposedOnce:
+    """Hydra's config loader, keeping each job's config as Hydra's basic sweeper composes it to check that the batch
+    composes (`validate_batch_is_legal`, which throws it away), for the launcher to take instead of composing it a
+    second time: ~0.2 s a job, 10 s of a 48-job grid. Everything else goes to Hydra's loader."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.kept: dict[tuple[str, ...], DictConfig] = {}
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        composed = self.loader.load_sweep_config(master_config, sweep_overrides)
+        self.kept[tuple(sweep_overrides)] = composed
+        return composed
+
+    def take(self, master_config: DictConfig, overrides: list[str]) -> DictConfig:
+        """The job's config as the sweeper composed it (handed out once), else freshly composed."""
+        kept = self.kept.pop(tuple(overrides), None)
+        return kept if kept is not None else self.loader.load_sweep_config(master_config, overrides)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
 
 
 def without_hydra(composed: DictConfig) -> DictConfig:
@@ -113,6 +140,8 @@ class StackedLauncher(Launcher):
         self.hydra_context: HydraContext | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        # the sweeper holds the same context: the configs it composes to check a batch reach this launcher
+        hydra_context.config_loader = ComposedOnce(hydra_context.config_loader)
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
