@@ -272,4 +272,3 @@ def test_the_launcher_takes_the_config_the_sweeper_composed_instead_of_composing
     assert again == checked and again is not checked
     assert loader.loader.composed == [["trainer.seed=1"], ["trainer.seed=1"]]
     assert loader.list_groups("") == ["model"]  # the rest is Hydra's loader
-

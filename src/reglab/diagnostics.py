@@ -14,8 +14,8 @@ import math
 import multiprocessing
 import numbers
 import signal
-from concurrent.futures import Future, ProcessPoolExecutor
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median

@@ -166,7 +166,9 @@ def prepare(stack: Stack):
     cfg = stack.members[0].cfg
     stack.threads = thread_count(stack.trainer["threads"], len(stack.members))
     stack.device = setup_process(stack.trainer, stack.members[0].seed, stack.threads)
-    if len(stack.members) > 1:  # the members of a stack mostly finish together: their figures drawn side by side
+    if (
+        len(stack.members) > 1
+    ):  # the members of a stack mostly finish together: their figures drawn side by side
         stack.plotter = diagnostics.Plotter(workers=stack.threads)
     data = load_stack_data([m.cfg["dataset"] for m in stack.members])
     data = data.to(stack.device, keep_train_on_host=stack.trainer["loader"] == "dataloader")
@@ -660,13 +662,18 @@ def finish_members(ending: list[int], model, data: DataSplits, regs: Regularizat
         member = stack.members[k]
         try:
             with diagnostics.one_thread():  # its metrics and diagnostics as in its lone run (see `evaluate`)
-                finished[k] = finish(k, member, model, data, regs, logits, last_weights[k], measured[k], stack)
+                finished[k] = finish(
+                    k, member, model, data, regs, logits, last_weights[k], measured[k], stack
+                )
         except Exception as err:
             member.status = "failed"
             record_failure(member, err)
         finally:
             regs.retire(k)
-    for k, (summary, figures) in finished.items():  # the figures were drawn meanwhile, side by side in a stack
+    for k, (
+        summary,
+        figures,
+    ) in finished.items():  # the figures were drawn meanwhile, side by side in a stack
         member = stack.members[k]
         try:
             record_finished(member, summary, figures, quiet=member.job.parallel or len(stack.members) > 1)
