@@ -48,7 +48,8 @@ def drawing_from(generator: torch.Generator):
 
 def draw_lambda(alpha: float) -> float:
     """λ ~ Beta(α, α) from torch's global generator, drawn as torchvision's MixUp and CutMix draw it."""
-    beta = torch.distributions.Beta(torch.tensor([alpha]), torch.tensor([alpha]))
+    # no argument validation: α is checked with the config, and validating took as long as the draw (per batch)
+    beta = torch.distributions.Beta(torch.tensor([alpha]), torch.tensor([alpha]), validate_args=False)
     return float(beta.sample(()))
 
 
