@@ -89,8 +89,8 @@ class StackedConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         members, batch = x.shape[:2]
-        patches, out_size = self._patches(x.flatten(0, 1))  # [K·B, C·k…, positions]
-        patches = patches.view(members, batch, *patches.shape[1:]).transpose(2, 3).flatten(1, 2)
+        patches, out_size = self._patches(x.flatten(0, 1))  # [K·B, positions, C·k…]
+        patches = patches.reshape(members, -1, patches.shape[-1])  # [K, B·positions, C·k…]
         weight = effective_weight(self).flatten(2)  # [K, out, C·k…]
         out = torch.baddbmm(self.bias.unsqueeze(1), patches, weight.transpose(1, 2))  # [K, B·positions, out]
         return (
@@ -108,9 +108,10 @@ class StackedConv(nn.Module):
         if self.spatial_dims == 1:
             padded = F.pad(x, (pad, pad))
             windows = padded.unfold(2, self.kernel, self.stride)  # [N, C, L_out, k]
-            return windows.permute(0, 1, 3, 2).flatten(1, 2), (windows.shape[2],)
-        patches = F.unfold(x, self.kernel, padding=pad, stride=self.stride)
-        return patches, tuple(self.output_size(list(x.shape[2:])))
+            # one copy into the row-per-position layout the matmul takes (two copies before, forward and backward)
+            return windows.permute(0, 2, 1, 3).flatten(2), (windows.shape[2],)
+        patches = F.unfold(x, self.kernel, padding=pad, stride=self.stride)  # [N, C·k·k, positions]
+        return patches.transpose(1, 2), tuple(self.output_size(list(x.shape[2:])))
 
 
 class PerSample(nn.Module):
