@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import multiprocessing
+import os
 import signal
 import statistics
 import subprocess
@@ -11,6 +14,7 @@ import time
 
 import pytest
 
+from reglab import diagnostics
 from reglab.loop import Job, Member, train_stack
 from tests.conftest import ROOT, TINY, job_dirs, read_metrics, read_summary, run_train
 from tests.test_loop import config
@@ -140,7 +144,12 @@ def test_a_failure_while_finishing_one_member_fails_that_member_alone(tmp_path, 
     members = []
     for k in range(3):
         cfg = config(
-            data_root, "trainer.epochs=2", "dataset.n_train=300", "trainer.plots=true", f"trainer.seed={k}"
+            data_root,
+            "trainer.epochs=2",
+            "dataset.n_train=300",
+            "trainer.plots=true",
+            "trainer.threads=2",  # the figures are drawn by two processes, whatever the cores
+            f"trainer.seed={k}",
         )
         (tmp_path / str(k)).mkdir(exist_ok=True)
         members.append(Member(cfg=cfg, run_dir=tmp_path / str(k), job=Job(multirun=True)))
@@ -272,3 +281,20 @@ def test_the_launcher_takes_the_config_the_sweeper_composed_instead_of_composing
     assert again == checked and again is not checked
     assert loader.loader.composed == [["trainer.seed=1"], ["trainer.seed=1"]]
     assert loader.list_groups("") == ["model"]  # the rest is Hydra's loader
+    assert copy.copy(loader).loader is loader.loader  # copyable (no recursion through __getattr__)
+
+
+def draw_or_die(value):
+    if multiprocessing.parent_process() is not None:
+        os._exit(1)  # a drawing process dies mid-figure (a signal, out of memory)
+    return value
+
+
+def test_a_drawing_process_that_dies_costs_time_not_figures():
+    plotter = diagnostics.Plotter(workers=2)
+    try:
+        drawings = [plotter.draw(draw_or_die, k) for k in range(3)]
+        assert [drawing.result() for drawing in drawings] == [0, 1, 2]  # drawn here instead
+        assert plotter.draw(draw_or_die, 3).result() == 3 and plotter.pool is None  # and from now on
+    finally:
+        plotter.close()

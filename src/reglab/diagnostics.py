@@ -14,8 +14,9 @@ import math
 import multiprocessing
 import numbers
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
@@ -445,40 +446,64 @@ def diagnose(history: Sequence[Mapping], summary: Mapping) -> list[str]:
 # Plots (matplotlib imported lazily; bare Figures, freed when the function returns)
 
 
+PLOT_WORKERS = 4  # at most this many drawing processes: each one imports torch and matplotlib (~0.3 GB)
+
+
 class Plotter:
-    """Draws runs' figures: in this process, or for a stack (`workers` > 1) in that many processes. Drawing is pure
-    Python, ~0.5 s a run, so the 48 runs of a stack finishing together took 24 s of one core; the stack's other
-    cores sit idle meanwhile. `draw` returns a Future either way; a failed figure raises from its `result()`."""
+    """Draws runs' figures: here, or for a stack (`workers` > 1) in up to PLOT_WORKERS processes. Drawing is pure
+    Python, ~0.5 s a run, so the 48 runs of a stack finishing together took 24 s of one core while its other cores
+    sat idle. `draw` returns a `Drawing`, whose `result()` is the figure's path or raises what drawing it raised."""
 
     def __init__(self, workers: int = 1):
-        self.workers = workers
+        self.workers = min(workers, PLOT_WORKERS)
         self.pool = None
 
-    def draw(self, function, *args) -> Future:
-        if self.workers <= 1:
-            done: Future = Future()
+    def draw(self, function, *args) -> Drawing:
+        if self.workers > 1:
             try:
-                done.set_result(function(*args))
-            except Exception as err:
-                done.set_exception(err)
-            return done
-        if self.pool is None:  # started on first use: a stack whose runs all fail never starts one
-            self.pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_plot_worker
-            )
-        return self.pool.submit(function, *args)
+                if self.pool is None:  # started on first use: a stack whose runs all fail never starts one
+                    self.pool = ProcessPoolExecutor(
+                        self.workers,
+                        mp_context=multiprocessing.get_context("spawn"),
+                        initializer=_plot_worker,
+                    )
+                return Drawing(function, args, self.pool.submit(function, *args))
+            except BrokenProcessPool:  # a drawing process died: from now on figures are drawn here
+                self.close()
+                self.workers = 1
+        return Drawing(function, args)
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown()
+            self.pool.shutdown(cancel_futures=True)
             self.pool = None
 
 
+@dataclass
+class Drawing:
+    """One figure: drawn by a process of the plotter (`future`), or here when it is asked for. A drawing process
+    that dies (a signal, out of memory) costs time only, never a figure: it is drawn here instead."""
+
+    function: Callable
+    args: tuple
+    future: Future | None = None
+
+    def result(self) -> Path:
+        if self.future is not None:
+            try:
+                return self.future.result()
+            except BrokenProcessPool:
+                pass
+        return self.function(*self.args)
+
+
 def _plot_worker() -> None:
-    """A drawing process leaves Ctrl-C and SIGTERM to the training process (which finishes or checkpoints its runs,
-    figures included) and takes one thread: the stack's process has the cores."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A drawing process leaves Ctrl-C, SIGTERM and the cluster's requeue signal to the training process (which
+    finishes or checkpoints its runs, figures included) and takes one thread: the stack's process has the cores."""
+    from reglab.preemption import requeue_signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, requeue_signal()):
+        signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 

@@ -145,11 +145,11 @@ def train_stack(members: list[Member]) -> list[float]:
         except Exception as err:
             fail_unfinished(stack, err)
         finally:
-            stack.plotter.close()
             for m in todo:  # also after a second Ctrl-C: W&B runs are always finished
                 if m.record is not None:
                     # an interrupted run is not a failed one: it will be resumed into the same W&B run
                     m.record.finish(failed=m.status not in FINISHED and not stack.stop_requested)
+            stack.plotter.close()  # after W&B: a Ctrl-C while it waits for a drawing must not skip the runs
     return [objective(m.summary) if m.summary else math.nan for m in members]
 
 
@@ -166,9 +166,8 @@ def prepare(stack: Stack):
     cfg = stack.members[0].cfg
     stack.threads = thread_count(stack.trainer["threads"], len(stack.members))
     stack.device = setup_process(stack.trainer, stack.members[0].seed, stack.threads)
-    if (
-        len(stack.members) > 1
-    ):  # the members of a stack mostly finish together: their figures drawn side by side
+    # the members of a stack mostly finish together: their figures are drawn side by side
+    if len(stack.members) > 1:
         stack.plotter = diagnostics.Plotter(workers=stack.threads)
     data = load_stack_data([m.cfg["dataset"] for m in stack.members])
     data = data.to(stack.device, keep_train_on_host=stack.trainer["loader"] == "dataloader")
@@ -279,8 +278,12 @@ def setup_process(trainer: dict, seed: int, threads: int = 1) -> torch.device:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # process-wide, so set for every job, on or off; only on a change, as its first call imports torch's compiler
     # (~2 s of every run's start, measured)
-    if torch.are_deterministic_algorithms_enabled() != trainer["deterministic"]:
-        torch.use_deterministic_algorithms(trainer["deterministic"])
+    wanted = trainer["deterministic"]
+    if (
+        torch.are_deterministic_algorithms_enabled() != wanted
+        or torch.is_deterministic_algorithms_warn_only_enabled()
+    ):
+        torch.use_deterministic_algorithms(wanted)
     if trainer["device"] == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(trainer["device"])
@@ -670,10 +673,8 @@ def finish_members(ending: list[int], model, data: DataSplits, regs: Regularizat
             record_failure(member, err)
         finally:
             regs.retire(k)
-    for k, (
-        summary,
-        figures,
-    ) in finished.items():  # the figures were drawn meanwhile, side by side in a stack
+    # the figures were drawn meanwhile (side by side, in a stack)
+    for k, (summary, figures) in finished.items():
         member = stack.members[k]
         try:
             record_finished(member, summary, figures, quiet=member.job.parallel or len(stack.members) > 1)
@@ -714,7 +715,7 @@ def final_predictions(ending: list[int], model, data: DataSplits, regs: Regulari
 def finish(
     k: int, member: Member, model, data: DataSplits, regs, logits: dict, last_weights, measured, stack
 ) -> tuple[dict, list]:
-    """The member's summary and weight files; its figures handed to the stack's plotter (returns their Futures)."""
+    """The member's summary and weight files; its figures handed to the stack's plotter (returns their Drawings)."""
     cfg, run_dir = member.cfg, member.run_dir
     labels = {"train": data.y_train[k], "val": data.y_val, "test": data.y_test}
     final = {split: as_floats(scores(logits[split][k], labels[split])) for split in logits}
@@ -870,7 +871,7 @@ def save_weights(run_dir: Path, last_weights: dict, best: EarlyStopping, average
 
 
 def write_plots(plotter, weights, test_logits: Tensor, test_y: Tensor, member: Member, summary: dict) -> list:
-    """curves.png, reliability.png and weights.png of the member (Futures of their paths). Tensors go to a drawing
+    """curves.png, reliability.png and weights.png of the member (`diagnostics.Drawing`s). Tensors go to a drawing
     process as copies of their values (numpy arrays), not as shared memory."""
     run_dir = member.run_dir
     markers = {

@@ -99,6 +99,8 @@ class ComposedOnce:
         return kept if kept is not None else self.loader.load_sweep_config(master_config, overrides)
 
     def __getattr__(self, name: str):
+        if name == "loader":  # not set yet (a copy being made): no endless recursion
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
 
@@ -141,7 +143,8 @@ class StackedLauncher(Launcher):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         # the sweeper holds the same context: the configs it composes to check a batch reach this launcher
-        hydra_context.config_loader = ComposedOnce(hydra_context.config_loader)
+        if not isinstance(hydra_context.config_loader, ComposedOnce):
+            hydra_context.config_loader = ComposedOnce(hydra_context.config_loader)
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:

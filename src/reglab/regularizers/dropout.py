@@ -151,7 +151,6 @@ class StackedDropout(nn.Module):
         p, dims = self.rates[member], self.channel_dims[member]
         if self.impls[member] == "torch":
             return torch_dropout(torch.ones_like(x), p, dims)  # F.dropout's x·m with x = 1 is its mask m
-        _check_probability(p)
         shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2) if dims else tuple(x.shape)
         return _scaled_keep_mask(x, shape, p, self.generators[member])
 
