@@ -154,3 +154,20 @@ def test_the_summary_records_the_optimizer_that_actually_ran(tmp_path, data_root
         assert (optimizer["class"], optimizer["weight_decay"]) == (expected, decay), name
         assert f"{expected}(lr=" in capsys.readouterr().out  # and the run's first line says so
     assert "coupled weight decay λ=0.001" in read_summary(tmp_path / "coupled_scratch")["regularization"][0]
+
+
+def test_setup_process_sets_deterministic_algorithms_as_asked_whatever_was_set_before():
+    import torch
+
+    from reglab.loop import setup_process
+
+    trainer = {"flush_denormal": True, "device": "cpu"}
+    try:
+        for wanted in (True, True, False, False):
+            setup_process({**trainer, "deterministic": wanted}, seed=0)
+            assert torch.are_deterministic_algorithms_enabled() is wanted
+        torch.use_deterministic_algorithms(True, warn_only=True)  # set elsewhere in the process
+        setup_process({**trainer, "deterministic": True}, seed=0)
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -50,6 +50,13 @@ def _scaled_keep_mask(
     return mask.div_(1.0 - p)
 
 
+def keep_mask(x: Tensor, p: float, generator: torch.Generator | None, channel_wise: bool = False) -> Tensor:
+    """The scaled keep mask dropout multiplies x by: one value per element, or channel-wise one per (sample,
+    channel), shape (N, C, 1, ..., 1), broadcast over the positions."""
+    shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2) if channel_wise else tuple(x.shape)
+    return _scaled_keep_mask(x, shape, p, generator)
+
+
 def dropout(x: Tensor, p: float, training: bool = True, generator: torch.Generator | None = None) -> Tensor:
     """Element-wise inverted dropout: y = x · m / (1 - p) with m ~ Bernoulli(1 - p) per element.
 
@@ -59,7 +66,7 @@ def dropout(x: Tensor, p: float, training: bool = True, generator: torch.Generat
     _check_probability(p)
     if not training or p == 0.0:
         return x
-    return x * _scaled_keep_mask(x, tuple(x.shape), p, generator)
+    return x * keep_mask(x, p, generator)
 
 
 def channel_dropout(
@@ -78,8 +85,7 @@ def channel_dropout(
         )
     if not training or p == 0.0:
         return x
-    mask_shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
-    return x * _scaled_keep_mask(x, mask_shape, p, generator)
+    return x * keep_mask(x, p, generator, channel_wise=True)
 
 
 def torch_dropout(x: Tensor, p: float, spatial_dims: int) -> Tensor:
@@ -146,13 +152,11 @@ class StackedDropout(nn.Module):
         return x * masks
 
     def _mask(self, x: Tensor, member: int) -> Tensor:
-        """Member k's scaled keep mask for its slice x, as its own dropout draws it (channel-wise: one value per
-        sample and channel, broadcast over the positions)."""
+        """Member k's scaled keep mask for its slice x, as its own (lone) dropout draws it."""
         p, dims = self.rates[member], self.channel_dims[member]
         if self.impls[member] == "torch":
             return torch_dropout(torch.ones_like(x), p, dims)  # F.dropout's x·m with x = 1 is its mask m
-        shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2) if dims else tuple(x.shape)
-        return _scaled_keep_mask(x, shape, p, self.generators[member])
+        return keep_mask(x, p, self.generators[member], channel_wise=bool(dims))
 
     def extra_repr(self) -> str:
         return f"p={self.rates}"
