@@ -50,14 +50,28 @@ def start(args: list[str], cwd, data_root) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-# resumed as a stack again, or each job alone: a member's optimizer state is saved per member even where the
-# optimizer updated its weights in a block with the others (models.member_block)
+def wait_for_epochs(process: subprocess.Popen, metrics, epochs: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= epochs):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.02)
+
+
+# interrupted as one stack, or as two side by side (each in its own process, the signal passed on by the launcher);
+# resumed as they were, or each job alone: a member's optimizer state is saved per member even where the optimizer
+# updated its weights in a block with the others (models.member_block)
 @pytest.mark.parametrize(
-    "resume_stack",
-    [[], pytest.param(["hydra.launcher.max_stack=1"], marks=pytest.mark.slow)],
-    ids=["stacked", "alone"],
+    "interrupted_as, resumed_as",
+    [
+        (["hydra.launcher.processes=1"], []),
+        (["hydra.launcher.processes=2"], []),
+        pytest.param(["hydra.launcher.processes=1"], ["hydra.launcher.max_stack=1"], marks=pytest.mark.slow),
+    ],
+    ids=["one stack", "side by side", "alone"],
 )
-def test_sigterm_checkpoints_every_member_and_resume_finishes_them_exactly(tmp_path, data_root, resume_stack):
+def test_sigterm_checkpoints_every_member_and_resume_finishes_them_exactly(
+    tmp_path, data_root, interrupted_as, resumed_as
+):
     args = [*QUICK, "trainer.epochs=30", "trainer.checkpoint_every=0", "hydra/launcher=stacked"]
     args += [
         "regularizer=[dropout,early_stopping,l2]",
@@ -67,18 +81,16 @@ def test_sigterm_checkpoints_every_member_and_resume_finishes_them_exactly(tmp_p
         "trainer.seed=0,1",
     ]
     interrupted = tmp_path / "interrupted"
-    process = start([*args, f"hydra.sweep.dir={interrupted}"], tmp_path, data_root)
-    metrics = interrupted / "0" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.02)
+    process = start([*args, *interrupted_as, f"hydra.sweep.dir={interrupted}"], tmp_path, data_root)
+    for job in (0, 15):  # a job of each stack when there are two (16 jobs: dropout's grid of p times these)
+        wait_for_epochs(process, interrupted / str(job) / "metrics.jsonl", 3)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, (out, err)
     assert "trainer.resume=true" in out
     assert all((job / "checkpoint.pt").exists() for job in job_dirs(interrupted))
-    resume = ["-m", *args, *resume_stack, "trainer.resume=true", f"hydra.sweep.dir={interrupted}"]
+    assert not any((job / "summary.json").exists() for job in job_dirs(interrupted))
+    resume = ["-m", *args, *resumed_as, "trainer.resume=true", f"hydra.sweep.dir={interrupted}"]
     run_train(resume, tmp_path, data_root)
 
     straight = tmp_path / "straight"
@@ -86,6 +98,41 @@ def test_sigterm_checkpoints_every_member_and_resume_finishes_them_exactly(tmp_p
     for resumed, reference in zip(job_dirs(interrupted), job_dirs(straight), strict=True):
         assert without_time(read_metrics(resumed)) == without_time(read_metrics(reference))
         assert read_summary(resumed)["test/acc"] == read_summary(reference)["test/acc"]
+
+
+def stack_processes(pid: int) -> list[int]:
+    """The processes a stacked launcher started for its stacks (not multiprocessing's resource tracker)."""
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        children += [int(c) for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+    return [c for c in children if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+
+
+def test_a_stack_whose_process_dies_fails_its_own_jobs_and_no_others(tmp_path, data_root):
+    sweep = tmp_path / "sweep"
+    args = [
+        *QUICK,
+        "dataset.n_train=300",
+        "trainer.epochs=300",
+        "trainer.seed=0,1,2,3",
+        "hydra/launcher=stacked",
+    ]
+    args += ["hydra.launcher.max_stack=2", "hydra.launcher.processes=2", f"hydra.sweep.dir={sweep}"]
+    process = start(args, tmp_path, data_root)
+    for job in (0, 2):  # both stacks train
+        wait_for_epochs(process, sweep / str(job) / "metrics.jsonl", 2)
+    stacks = stack_processes(process.pid)
+    assert len(stacks) == 2
+    os.kill(stacks[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, (out, err)
+    summaries = [read_summary(job) for job in job_dirs(sweep)]
+    statuses = [s["status"] for s in summaries]
+    assert sorted([statuses[:2], statuses[2:]]) == [["completed"] * 2, ["failed"] * 2], statuses
+    for summary in summaries:
+        if summary["status"] == "failed":
+            assert "exit code -9" in summary["error"] and summary["epochs_run"] >= 2
+    assert "2 unfinished job(s) recorded as failed" in out
 
 
 def test_rerunning_a_finished_stacked_sweep_trains_nothing(tmp_path, data_root):
@@ -231,8 +278,12 @@ def test_a_stack_with_bad_input_fails_alone_and_the_other_stacks_train(tmp_path,
     assert statuses["dataset=mnist"]["status"] == "failed" and "dataset" in statuses["dataset=mnist"]["error"]
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "many", "2.5"])
-def test_a_bad_max_stack_stops_the_sweep_with_one_line(tmp_path, data_root, value):
+@pytest.mark.parametrize(
+    "key, value",
+    [("max_stack", "0"), ("max_stack", "-3"), ("max_stack", "many"), ("max_stack", "2.5")]
+    + [("processes", "0"), ("processes", "two"), ("processes", "1.5")],
+)
+def test_a_bad_launcher_setting_stops_the_sweep_with_one_line(tmp_path, data_root, key, value):
     sweep = tmp_path / "sweep"
     args = [
         "-m",
@@ -240,13 +291,11 @@ def test_a_bad_max_stack_stops_the_sweep_with_one_line(tmp_path, data_root, valu
         *TINY,
         "trainer.seed=0,1",
         "hydra/launcher=stacked",
-        f"hydra.launcher.max_stack={value}",
+        f"hydra.launcher.{key}={value}",
     ]
     result = run_train([*args, f"hydra.sweep.dir={sweep}"], tmp_path, data_root, check=False)
     assert result.returncode == 2, (result.stdout, result.stderr)
-    assert (
-        f"hydra.launcher.max_stack={value!r}" in result.stderr or "hydra.launcher.max_stack=" in result.stderr
-    )
+    assert f"hydra.launcher.{key}=" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not any(sweep.glob("*/summary.json"))
 
@@ -258,6 +307,21 @@ def test_jobs_with_a_second_pass_train_in_stacks_of_their_own(data_root):
     stacks, reasons = group_into_stacks({i: config(data_root, *job) for i, job in enumerate(jobs)}, 64)
     assert stacks == [[0, 2], [1, 3]]
     assert reasons == ["jobs [1, 3] train apart from job 0's stack: passes per step=2 (not 1)"]
+
+
+def test_a_large_group_is_split_into_one_stack_per_process(data_root):
+    from reglab.stacking import group_into_stacks
+
+    seeds = {i: config(data_root, f"trainer.seed={i}") for i in range(10)}
+    assert group_into_stacks(seeds, 64, processes=2)[0] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert group_into_stacks(seeds, 4, processes=2)[0] == [
+        [0, 1, 2, 3],
+        [4, 5, 6],
+        [7, 8, 9],
+    ]  # max_stack first
+    assert group_into_stacks(seeds, 64, processes=1)[0] == [list(range(10))]
+    few = {i: seeds[i] for i in range(5)}  # too few jobs to be worth a second process
+    assert group_into_stacks(few, 64, processes=2)[0] == [[0, 1, 2, 3, 4]]
 
 
 def test_the_launcher_takes_the_config_the_sweeper_composed_instead_of_composing_it_again():

@@ -74,44 +74,60 @@ def prepare_member(cfg: DictConfig):
     return Member(cfg=plain, run_dir=run_dir, job=job_facts(hydra, multirun=True))
 
 
-def train_members(members: dict, max_stack: int, sweep_dir: str) -> dict[int, float]:
-    """Train prepared jobs (job number -> Member) in stacks; returns each job's objective."""
-    from reglab.loop import train_stack
-    from reglab.preemption import after_stack_interrupt
-    from reglab.stacking import group_into_stacks
+def train_members(
+    members: dict, max_stack: int, sweep_dir: str, processes: int | str = 1
+) -> dict[int, float]:
+    """Train prepared jobs (job number -> Member) in stacks, `processes` of them side by side (each in a process of
+    its own; 1: one after another in this process); returns each job's objective."""
+    from reglab.stacking import group_into_stacks, resolve_processes, train_in_processes
 
-    stacks, apart = group_into_stacks({idx: m.cfg for idx, m in members.items()}, max_stack)
-    print(f"[reglab] stacked launcher: {len(members)} jobs in {len(stacks)} stack(s) of at most {max_stack}")
+    processes = resolve_processes(processes, list(members.values()))
+    stacks, apart = group_into_stacks({idx: m.cfg for idx, m in members.items()}, max_stack, processes)
+    side_by_side = min(processes, len(stacks))
+    where = f", {side_by_side} side by side" if side_by_side > 1 else ""
+    print(
+        f"[reglab] stacked launcher: {len(members)} jobs in {len(stacks)} stack(s) of at most {max_stack}{where}"
+    )
     for line in apart:
         print(f"[reglab] {line}")
     for member in members.values():
         # a requeued SLURM job continues by itself
         resume_when_requeued(member.cfg["trainer"], member.run_dir)
+    for number, jobs in enumerate(stacks):
+        for idx in jobs:
+            members[idx].job.stack = {"id": number, "jobs": jobs}
+    if side_by_side > 1:
+        return train_in_processes(stacks, members, side_by_side, sweep_dir)
     gc.collect()
     gc.freeze()
     objectives = {}
     for number, jobs in enumerate(stacks):
-        for idx in jobs:
-            members[idx].job.stack = {"id": number, "jobs": jobs}
-        print(f"[reglab] stack {number}: {len(jobs)} jobs ({', '.join(map(str, jobs))}) training")
-        try:
-            results = train_stack([members[idx] for idx in jobs])
-        # e.g. a data set that cannot be read: this stack's jobs fail, the others go on
-        except BAD_INPUT as err:
-            print(f"reglab: error: {err}", file=sys.stderr)
-            for idx in jobs:
-                if members[idx].summary is None:
-                    record_bad_input(members[idx].run_dir, err, members[idx].job.overrides)
-            objectives.update(dict.fromkeys(jobs, float("nan")))
-            continue
-        except Interrupted as stop:
-            unfinished = [members[idx] for idx in jobs if members[idx].summary is None]
-            objectives.update(after_stack_interrupt(stop, unfinished, f"-m hydra.sweep.dir={sweep_dir}"))
-            continue
-        objectives.update(zip(jobs, results, strict=True))
-        for idx in jobs:
-            print_job_line(idx, members[idx])
+        objectives.update(train_one_stack(number, {idx: members[idx] for idx in jobs}, sweep_dir))
     return objectives
+
+
+def train_one_stack(number: int, members: dict, sweep_dir: str) -> dict[int, float]:
+    """Train one stack (job number -> Member) and print a line per job; returns each job's objective."""
+    from reglab.loop import train_stack
+    from reglab.preemption import after_stack_interrupt
+
+    jobs = list(members)
+    print(f"[reglab] stack {number}: {len(jobs)} jobs ({', '.join(map(str, jobs))}) training", flush=True)
+    try:
+        results = train_stack(list(members.values()))
+    # e.g. a data set that cannot be read: this stack's jobs fail, the others go on
+    except BAD_INPUT as err:
+        print(f"reglab: error: {err}", file=sys.stderr)
+        for member in members.values():
+            if member.summary is None:
+                record_bad_input(member.run_dir, err, member.job.overrides)
+        return dict.fromkeys(jobs, float("nan"))
+    except Interrupted as stop:
+        unfinished = [m for m in members.values() if m.summary is None]
+        return after_stack_interrupt(stop, unfinished, f"-m hydra.sweep.dir={sweep_dir}")
+    for idx, member in members.items():
+        print_job_line(idx, member)
+    return dict(zip(jobs, results, strict=True))
 
 
 def print_job_line(idx: int, member) -> None:

@@ -69,6 +69,9 @@ class Job:
     # started by a parallel launcher (joblib, submitit): stay quiet (so does a stack of K > 1)
     parallel: bool = False
     stack: dict | None = None  # {"id": ..., "jobs": [...]} when trained in a stack with other jobs
+    # the cores its stack may use (None: all this process may use); the stacked launcher shares them between the
+    # stacks it trains side by side
+    cores: int | None = None
 
 
 @dataclass
@@ -164,7 +167,7 @@ def already_finished(member: Member) -> bool:
 def prepare(stack: Stack):
     """Process settings, data, regularizers, model and optimizer; each member restored from its checkpoint on resume."""
     cfg = stack.members[0].cfg
-    stack.threads = thread_count(stack.trainer["threads"], len(stack.members))
+    stack.threads = thread_count(stack.trainer["threads"], len(stack.members), stack.members[0].job.cores)
     stack.device = setup_process(stack.trainer, stack.members[0].seed, stack.threads)
     # the members of a stack mostly finish together: their figures are drawn side by side
     if len(stack.members) > 1:
@@ -289,14 +292,18 @@ def setup_process(trainer: dict, seed: int, threads: int = 1) -> torch.device:
     return torch.device(trainer["device"])
 
 
-def thread_count(threads: int | str, members: int) -> int:
+def thread_count(threads: int | str, members: int, cores: int | None = None) -> int:
     """`trainer.threads`: a number, or auto: one thread for a lone job (a small model's step is too short to split,
-    and parallel jobs must not oversubscribe the cores), one per member up to the cores this process may use for a
-    stack. On the CPU the thread count does not change a member's results (tests/test_stack.py)."""
+    and parallel jobs must not oversubscribe the cores), one per member up to the cores the stack may use (`cores`,
+    else all this process may use). On the CPU the thread count does not change a member's results
+    (tests/test_stack.py)."""
     if threads != "auto":
         return threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(members, cores))
+    return max(1, min(members, cores or usable_cores()))
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def keep_freed_memory() -> None:

@@ -1,9 +1,10 @@
 """reglab's launchers that train a whole sweep as a few stacked models (README: "Stacked sweeps").
 
-- `hydra/launcher=stacked`: in this process. Hydra expands the sweep as always; every job is set up as Hydra's
+- `hydra/launcher=stacked`: on this machine. Hydra expands the sweep as always; every job is set up as Hydra's
   basic launcher does it (its directory, `.hydra/` files and callbacks, through `run_job`), but instead of training
   each job there the launcher collects them, groups compatible ones (`reglab.stacking`) into stacks of at most
-  `max_stack`, and trains each stack as one batched model (`reglab.loop.train_stack`).
+  `max_stack`, and trains each stack as one batched model (`reglab.loop.train_stack`): on the CPU one stack per
+  core side by side, each in a process of its own (`processes`), on a GPU one after another in this process.
 - `hydra/launcher=stacked_slurm`: the same stacks, each one SLURM job submitted through submitit (hydra-submitit-
   launcher's settings: partition, time limit, ...), so that a 1000-job sweep is a few dozen SLURM jobs. A stack
   that hits its time limit or is pre-empted checkpoints every member and is requeued as a whole.
@@ -134,10 +135,23 @@ def checked_max_stack(value) -> int:
     return value
 
 
+def checked_processes(value) -> int | str:
+    """`hydra.launcher.processes` as a positive int or "auto"; anything else stops the sweep before any job starts."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    print(
+        f"reglab: error: hydra.launcher.processes={value!r}: must be an integer >= 1 or auto "
+        "(the stacks trained side by side, each in a process of its own)",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
 class StackedLauncher(Launcher):
-    def __init__(self, max_stack: int = 64) -> None:
+    def __init__(self, max_stack: int = 64, processes: int | str = "auto") -> None:
         super().__init__()
         self.max_stack = checked_max_stack(max_stack)
+        self.processes = checked_processes(processes)
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
 
@@ -158,7 +172,7 @@ class StackedLauncher(Launcher):
         returns, members = prepare_jobs(
             self.hydra_context, self.config, jobs, launcher_checks_jobs(self.config)
         )
-        objectives = train_members(members, self.max_stack, str(self.config.hydra.sweep.dir))
+        objectives = train_members(members, self.max_stack, str(self.config.hydra.sweep.dir), self.processes)
         return with_objectives(returns, objectives)
 
 
