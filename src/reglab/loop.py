@@ -40,6 +40,7 @@ from reglab.models import (
     Architecture,
     MemberView,
     build_model,
+    clear_gradients,
     in_blocks,
     member_parameters,
     member_weights,
@@ -558,6 +559,7 @@ def forward_backward(model, x, targets: Targets, regs: Regularization, precision
         data_loss = regs.data_loss(logits.float(), targets)  # [K]
     penalty = regs.penalty()
     loss = data_loss if penalty is None else data_loss + penalty
+    clear_gradients(model)
     # the members are independent: the gradient of the sum for member k's weights is that of its own loss
     loss.sum().backward()
     # each member's slices get their gradients; a finished member none, so the optimizer leaves it alone

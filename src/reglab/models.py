@@ -430,21 +430,35 @@ def find_block(model: nn.Module, name: str, member: int, among: set[int]) -> tup
     return None
 
 
+def clear_gradients(model: nn.Module) -> None:
+    """Zero the stacked gradients in place before a backward pass, which then adds into them (0 + g is g): the
+    members' slices keep viewing the same tensors, so `share_gradients` hands them out once, not every step."""
+    for _, param, _ in _slices(model):
+        if param.grad is not None:
+            param.grad.zero_()
+
+
 def share_gradients(model: nn.Module, members: list[int]) -> None:
     """Hand each listed member its slice of the stacked gradients (views, no copy); the others get none, so the
     optimizer skips their own tensors. Every block (`member_block`) gets its slice too: a member that has finished
-    keeps being updated inside its block, and nothing reads its slice after it finished. Then the stacked
-    gradients are dropped: the next backward pass starts afresh."""
+    keeps being updated inside its block, and nothing reads its slice after it finished.
+
+    The stacked gradients stay from step to step (`clear_gradients`), and the views are handed out again only when
+    the training members or the blocks change: K views per parameter every step cost more than the optimizer's
+    update of a small layer (1.4 ms of a 48-member step, measured)."""
     model = unwrapped(model)
+    blocks = model.__dict__.get("_member_blocks", {})
+    shared = (tuple(members), tuple(blocks), tuple(id(param.grad) for _, param, _ in _slices(model)))
+    if model.__dict__.get("_gradients_shared_as") == shared:
+        return
+    training = set(members)
     for _, param, slices in _slices(model):
-        for view in slices:
-            view.grad = None
-        for k in members:
-            slices[k].grad = param.grad[k]
-    for (name, first, stop), block in model.__dict__.get("_member_blocks", {}).items():
+        grads = param.grad.unbind(0)
+        for k, view in enumerate(slices):
+            view.grad = grads[k] if k in training else None
+    for (name, first, stop), block in blocks.items():
         block.grad = model.get_parameter(name).grad[first:stop]
-    for _, param, _ in _slices(model):
-        param.grad = None
+    model.__dict__["_gradients_shared_as"] = shared
 
 
 def member_weights(model: nn.Module, member: int, output_layer: bool = True) -> list[Tensor]:

@@ -56,8 +56,13 @@ class SAM(Technique):
         members = self.ascending()
         if not members:
             return
-        # the first pass's gradients of every other member, kept to be put back after the second pass
-        kept = {k: [p.grad for p in params] for k, params in self.parameters.items() if k not in members}
+        # the first pass's gradients of every other member, kept to be put back after the second pass (copies: the
+        # second pass adds into the same tensors, models.clear_gradients)
+        kept = {
+            k: [None if p.grad is None else p.grad.clone() for p in params]
+            for k, params in self.parameters.items()
+            if k not in members
+        }
         saved = {}
         with torch.no_grad():
             for k in members:
