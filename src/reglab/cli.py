@@ -75,13 +75,13 @@ def prepare_member(cfg: DictConfig):
 
 
 def train_members(
-    members: dict, max_stack: int, sweep_dir: str, processes: int | str = 1
+    members: dict, max_stack: int, sweep_dir: str, processes: int | str = 1, started: list | None = None
 ) -> dict[int, float]:
     """Train prepared jobs (job number -> Member) in stacks, `processes` of them side by side (each in a process of
-    its own; 1: one after another in this process); returns each job's objective."""
-    from reglab.stacking import group_into_stacks, resolve_processes, train_in_processes
+    its own, `started` ones first; 1: one after another in this process); returns each job's objective."""
+    from reglab.stacking import group_into_stacks, release, resolve_processes, train_in_processes
 
-    processes = resolve_processes(processes, list(members.values()))
+    processes = resolve_processes(processes, {m.cfg["trainer"]["device"] for m in members.values()})
     stacks, apart = group_into_stacks({idx: m.cfg for idx, m in members.items()}, max_stack, processes)
     side_by_side = min(processes, len(stacks))
     where = f", {side_by_side} side by side" if side_by_side > 1 else ""
@@ -97,7 +97,8 @@ def train_members(
         for idx in jobs:
             members[idx].job.stack = {"id": number, "jobs": jobs}
     if side_by_side > 1:
-        return train_in_processes(stacks, members, side_by_side, sweep_dir)
+        return train_in_processes(stacks, members, side_by_side, sweep_dir, started)
+    release(started or [])
     gc.collect()
     gc.freeze()
     objectives = {}

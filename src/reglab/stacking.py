@@ -15,6 +15,7 @@ results do not depend on which stack it trains in, nor on the thread count (test
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import json
@@ -24,6 +25,7 @@ import multiprocessing.connection
 import os
 import signal
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 MIN_SPLIT = 4  # a group is split between processes only into stacks of at least this many jobs: a smaller one
@@ -113,26 +115,49 @@ def first_difference(a: dict, b: dict) -> str:
 # Stacks side by side, one process each
 
 
-def resolve_processes(setting: int | str, members: list) -> int:
+def resolve_processes(setting: int | str, devices: set[str]) -> int:
     """`hydra.launcher.processes`: a number, or auto: one per core this process may use when the jobs train on the
-    CPU, one when they train on a GPU (it runs a whole stack's arithmetic at once)."""
+    CPU (`devices`: their trainer.device), one when they train on a GPU (it runs a whole stack's arithmetic at once)."""
     if setting != "auto":
         return setting
     import torch
 
     from reglab.loop import usable_cores
 
-    devices = {m.cfg["trainer"]["device"] for m in members}
     if "cuda" in devices or ("auto" in devices and torch.cuda.is_available()):
         return 1
     return usable_cores()
 
 
+def start_stack_processes(count: int) -> list[tuple[multiprocessing.Process, Connection]]:
+    """Processes that load torch and reglab at once and then wait for a stack to train (`train_in_processes`
+    hands it over). The launcher starts them while Hydra still composes the sweep's jobs on one core: their start
+    (~4 s, torch's import) then costs the sweep no time on the others. One that is never handed a stack exits when
+    this process closes its end of the pipe, at the latest when it exits."""
+    context = multiprocessing.get_context("spawn")
+    started = []
+    for _ in range(count):
+        mine, theirs = context.Pipe()
+        process = context.Process(target=stack_process, args=(theirs,), name="reglab stack")
+        process.start()
+        theirs.close()
+        started.append((process, mine))
+    atexit.register(release, started)  # before multiprocessing's own exit handler waits for them
+    return started
+
+
+def release(processes: list[tuple[multiprocessing.Process, Connection]]) -> None:
+    """Let stack processes that were never handed a stack exit, and wait for them."""
+    for process, pipe in processes:
+        pipe.close()
+        process.join()
+
+
 def train_in_processes(
-    stacks: list[list[int]], members: dict, processes: int, sweep_dir: str
+    stacks: list[list[int]], members: dict, processes: int, sweep_dir: str, started: list | None = None
 ) -> dict[int, float]:
-    """Train the stacks side by side, each in a spawned process of its own, at most `processes` at once (the
-    largest first), the cores shared between them; returns each job's objective.
+    """Train the stacks side by side, each in a process of its own (`started` ones first), at most `processes` at
+    once, the largest first, the cores shared between them; returns each job's objective.
 
     A stack's process writes its members' records exactly as a stack trained in this process would; the objectives
     are read back from their summaries. A stop signal (Ctrl-C, SIGTERM, the requeue signal) goes on to every
@@ -141,7 +166,7 @@ def train_in_processes(
     unfinished members and no one else's."""
     from reglab.loop import usable_cores
 
-    context = multiprocessing.get_context("spawn")
+    idle = list(started or [])
     cores = max(1, usable_cores() // processes)
     waiting = sorted(range(len(stacks)), key=lambda number: -len(stacks[number]))
     running: dict[int, tuple[multiprocessing.Process, int, float]] = {}  # sentinel -> (process, stack, start)
@@ -157,19 +182,15 @@ def train_in_processes(
         while running or (waiting and not stops):
             while waiting and len(running) < processes and not stops:
                 number = waiting.pop(0)
+                process, pipe = idle.pop(0) if idle else start_stack_processes(1)[0]
                 jobs = [
                     (idx, members[idx].cfg, members[idx].run_dir, members[idx].job) for idx in stacks[number]
                 ]
-                process = context.Process(
-                    target=train_stack_process,
-                    args=(number, jobs, sweep_dir, cores),
-                    name=f"reglab stack {number}",
-                )
-                started = time.time()
-                process.start()
-                running[process.sentinel] = (process, number, started)
+                running[process.sentinel] = (process, number, time.time())
+                pipe.send((number, jobs, sweep_dir, cores))
+                pipe.close()
             for sentinel in multiprocessing.connection.wait(list(running)):
-                process, number, started = running.pop(sentinel)
+                process, number, handed_over = running.pop(sentinel)
                 process.join()
                 if (
                     process.exitcode > 128 and not stops
@@ -177,22 +198,30 @@ def train_in_processes(
                     stop(process.exitcode - 128)
                 elif process.exitcode != 0 and not stops:
                     stack = [members[idx] for idx in stacks[number]]
-                    fail_unfinished_members(stack, number, process.exitcode, started)
+                    fail_unfinished_members(stack, number, process.exitcode, handed_over)
+    release(idle)
     objectives = {idx: objective_on_disk(members[idx].run_dir) for jobs in stacks for idx in jobs}
     if stops:
         raise SystemExit(128 + stops[0])
     return objectives
 
 
-def train_stack_process(number: int, jobs: list[tuple], sweep_dir: str, cores: int) -> None:
-    """The body of a stack's process. It runs in a process group of its own, so that a terminal's Ctrl-C reaches it
-    once, passed on by the launcher, and not a second time directly (a second Ctrl-C stops a stack at once)."""
+def stack_process(pipe: Connection) -> None:
+    """The body of a stack's process: load, wait for a stack, train it. It runs in a process group of its own, so
+    that a terminal's Ctrl-C reaches it once, passed on by the launcher, and not a second time directly (a second
+    Ctrl-C stops a stack at once)."""
     os.setpgid(0, 0)
     import gc
+
+    import torch._dynamo  # noqa: F401  (the optimizer's first step imports it, ~1.7 s: now, while waiting)
 
     from reglab.cli import train_one_stack
     from reglab.loop import Member
 
+    try:
+        number, jobs, sweep_dir, cores = pipe.recv()
+    except EOFError:  # no stack for this one
+        return
     members = {}
     for idx, cfg, run_dir, job in jobs:
         job.cores, job.parallel = cores, True

@@ -85,13 +85,16 @@ class ComposedOnce:
     composes (`validate_batch_is_legal`, which throws it away), for the launcher to take instead of composing it a
     second time: ~0.2 s a job, 10 s of a 48-job grid. Everything else goes to Hydra's loader."""
 
-    def __init__(self, loader) -> None:
+    def __init__(self, loader, on_composed=None) -> None:
         self.loader = loader
         self.kept: dict[tuple[str, ...], DictConfig] = {}
+        self.on_composed = on_composed  # called with the number of configs kept so far
 
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
         composed = self.loader.load_sweep_config(master_config, sweep_overrides)
         self.kept[tuple(sweep_overrides)] = composed
+        if self.on_composed is not None:
+            self.on_composed(len(self.kept))
         return composed
 
     def take(self, master_config: DictConfig, overrides: list[str]) -> DictConfig:
@@ -154,12 +157,25 @@ class StackedLauncher(Launcher):
         self.processes = checked_processes(processes)
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
+        self.started: list = []  # stack processes started while the sweep is composed
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         # the sweeper holds the same context: the configs it composes to check a batch reach this launcher
         if not isinstance(hydra_context.config_loader, ComposedOnce):
             hydra_context.config_loader = ComposedOnce(hydra_context.config_loader)
+        hydra_context.config_loader.on_composed = self.jobs_composed
         self.config, self.hydra_context = config, hydra_context
+
+    def jobs_composed(self, count: int) -> None:
+        """Once the sweep has jobs enough for two stacks side by side, start their processes: they load torch on the
+        cores that Hydra, composing the rest of the jobs on one, leaves idle."""
+        from reglab.stacking import MIN_SPLIT, resolve_processes, start_stack_processes
+
+        if self.started or count != 2 * MIN_SPLIT:
+            return
+        processes = resolve_processes(self.processes, {str(self.config.trainer.device)})
+        if processes > 1:
+            self.started = start_stack_processes(processes)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from reglab.cli import train_members
@@ -172,7 +188,9 @@ class StackedLauncher(Launcher):
         returns, members = prepare_jobs(
             self.hydra_context, self.config, jobs, launcher_checks_jobs(self.config)
         )
-        objectives = train_members(members, self.max_stack, str(self.config.hydra.sweep.dir), self.processes)
+        started, self.started = self.started, []
+        sweep_dir = str(self.config.hydra.sweep.dir)
+        objectives = train_members(members, self.max_stack, sweep_dir, self.processes, started)
         return with_objectives(returns, objectives)
 
 
