@@ -115,19 +115,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @dataclass
 class Finished:
     wall_s: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # the largest single process (the kernel's ru_maxrss)
     stdout: str
+    # all its processes together: the peak of their summed proportional set size (a shared page counts once,
+    # split between the processes that map it), sampled every 0.1 s
+    peak_tree_mb: float = 0.0
 
 
 def run_process(cmd: list[str], cwd: Path, env: dict, timeout_s: float = 900) -> Finished:
-    """Run `cmd` to its exit; wait4 gives this one child's rusage (ru_maxrss in KiB on Linux)."""
+    """Run `cmd` to its exit; wait4 gives this one child's rusage (ru_maxrss in KiB on Linux: the largest of the
+    process and its descendants); a sampler adds up the resident memory of the whole process tree."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
         process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
         killer = threading.Timer(timeout_s, process.kill)
         killer.start()
+        sampler = TreeMemory(process.pid)
+        sampler.start()
         _, status, usage = os.wait4(process.pid, 0)
         wall_s = time.perf_counter() - started
+        sampler.stop()
         killer.cancel()
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
@@ -136,7 +143,58 @@ def run_process(cmd: list[str], cwd: Path, env: dict, timeout_s: float = 900) ->
         raise RuntimeError(
             f"{' '.join(cmd)} exited with {process.returncode}:\n{stdout[-2000:]}\n{stderr[-3000:]}"
         )
-    return Finished(wall_s=wall_s, peak_rss_mb=usage.ru_maxrss * 1024 / 1e6, stdout=stdout)
+    return Finished(
+        wall_s=wall_s,
+        peak_rss_mb=usage.ru_maxrss * 1024 / 1e6,
+        stdout=stdout,
+        peak_tree_mb=sampler.peak_mb,
+    )
+
+
+class TreeMemory(threading.Thread):
+    """The peak of the summed memory of a process and all its descendants, read from /proc every 0.1 s (a stacked
+    launcher trains stacks in processes of their own; ru_maxrss counts only the largest process). Each process
+    counts its proportional set size (PSS): resident memory with every shared page (torch's libraries, mapped by
+    all of them) divided between the processes that share it, so that the sum counts it once."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak_mb, self.done = pid, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.1):
+            kib = 0
+            for pid in [self.pid, *descendants(self.pid)]:
+                try:
+                    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+                    kib += int(
+                        next(line for line in rollup.splitlines() if line.startswith("Pss:")).split()[1]
+                    )
+                except (OSError, StopIteration, ValueError):
+                    pass  # the process ended in between
+            self.peak_mb = max(self.peak_mb, kib * 1024 / 1e6)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in Path(f"/proc/{parent}/task/{task}/children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
 
 
 def child_env(workdir: Path) -> dict:
@@ -249,8 +307,9 @@ def grid_size(sizes: SimpleNamespace) -> int:
 GRID_LAUNCHERS = {  # how each grid variant is launched: its extra overrides
     "basic": [],
     "joblib": ["hydra/launcher=joblib"],
-    "stacked, 1 thread": ["hydra/launcher=stacked", "trainer.threads=1"],
-    "stacked, 2 threads": ["hydra/launcher=stacked", "trainer.threads=2"],
+    "stacked, 1 thread": ["hydra/launcher=stacked", "hydra.launcher.processes=1", "trainer.threads=1"],
+    "stacked, 2 threads": ["hydra/launcher=stacked", "hydra.launcher.processes=1", "trainer.threads=2"],
+    "stacked, 2 processes": ["hydra/launcher=stacked", "hydra.launcher.processes=2", "trainer.threads=1"],
 }
 
 
@@ -511,6 +570,8 @@ def grid_rows(grids: dict[str, list[float]], sizes) -> list[Row]:
         ("basic", "stacked, 1 thread", MAX_STACKED_GRID),
         ("joblib", "stacked, 1 thread", MAX_STACKED_VS_JOBLIB),
         ("joblib", "stacked, 2 threads", MAX_STACKED_VS_JOBLIB),
+        ("basic", "stacked, 2 processes", MAX_STACKED_GRID),
+        ("joblib", "stacked, 2 processes", MAX_STACKED_VS_JOBLIB),
     ]
     return [
         ratio_row(
