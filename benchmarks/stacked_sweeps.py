@@ -2,7 +2,7 @@
 
 Each workload is one `python train.py -m ...` process per launcher, run back to back and timed start to exit (the
 sweep report included); peak memory is that of all the sweep's processes together
-(their proportional set sizes summed, sampled every 0.1 s). The workloads and targets are those of
+(private pages of each, shared library pages once: bench.TreeMemory, sampled every 0.1 s). The workloads and targets are those of
 issue 10 ("Train a whole sweep as one batched model"):
 
   1. 48-job grid: regularizer=l2, 4 weight decays x 12 seeds, 150 epochs, logger=none: basic, joblib, stacked
@@ -160,7 +160,7 @@ def memory_row(workload: Workload, stacked: bench.Finished, limit_mb: float) -> 
     return bench.Row(
         "",
         f"{workload.name}: the stacked launcher's processes together",
-        "peak memory, PSS summed over the processes",
+        "peak memory of all its processes together",
         "-",
         f"{stacked.peak_tree_mb:.0f} MB",
         "-",

@@ -28,8 +28,10 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-MIN_SPLIT = 4  # a group is split between processes only into stacks of at least this many jobs: a smaller one
-# gains less from a core of its own than its process costs to start (~3 s, torch's import)
+MIN_SPLIT = (
+    4  # a process is given a part of a group only when it is at least this many jobs: a smaller one gains
+)
+# less from a core of its own than its process costs to start (~3 s, torch's import)
 
 PER_MEMBER = (
     "trainer.seed",
@@ -72,17 +74,18 @@ def passes_per_step(cfg: dict) -> int:
 def group_into_stacks(
     configs: dict[int, dict], max_stack: int, processes: int = 1
 ) -> tuple[list[list[int]], list[str]]:
-    """Job numbers grouped into stacks (in job order, at most `max_stack` each, and a large group in at least one
-    stack per process), and a line for every job that could not join the largest group, saying which setting kept
-    it apart."""
+    """Job numbers grouped into stacks of at most `max_stack` (in job order; with `processes` > 1 cut into shares
+    of about equal work, the most work first: `shares_of_work`), and a line for every job that could not join the
+    largest group, saying which setting kept it apart."""
     groups: dict[str, list[int]] = {}
     for idx, cfg in configs.items():
         groups.setdefault(json.dumps(shared_settings(cfg), sort_keys=True, default=str), []).append(idx)
-    stacks = [
-        part
-        for jobs in groups.values()
-        for part in split(jobs, max(math.ceil(len(jobs) / max_stack), min(processes, len(jobs) // MIN_SPLIT)))
-    ]
+    if processes > 1:
+        passes = [passes_per_step(configs[jobs[0]]) for jobs in groups.values()]
+        cut = shares_of_work(list(zip(groups.values(), passes, strict=True)), processes)
+    else:
+        cut = list(groups.values())
+    stacks = [part for jobs in cut for part in split(jobs, math.ceil(len(jobs) / max_stack))]
     largest = max(groups.values(), key=len) if groups else []
     reasons = []
     for jobs in groups.values():
@@ -91,6 +94,29 @@ def group_into_stacks(
         differs = first_difference(configs[largest[0]], configs[jobs[0]])
         reasons.append(f"jobs {jobs} train apart from job {largest[0]}'s stack: {differs}")
     return stacks, reasons
+
+
+def shares_of_work(groups: list[tuple[list[int], int]], processes: int) -> list[list[int]]:
+    """Groups of jobs (with their passes per step) cut into stacks such that `processes` processes, each taking the
+    next stack when it is free, get about equal work, counted as jobs x passes (a stack's step costs about that).
+    The largest groups are cut first, each cut leaving at least MIN_SPLIT jobs to the process it fills. `make sweep`: 36 jobs of one
+    pass and 3 SAM jobs of two on 2 processes are stacks of 21 jobs, 15 jobs and the 3 SAM jobs (21 + 21 of work)."""
+    share = sum(len(jobs) * passes for jobs, passes in groups) / processes
+    room = share  # the work the process being filled may still take
+    stacks = []
+    for jobs, passes in sorted(groups, key=lambda group: -len(group[0]) * group[1]):
+        while jobs:
+            fits = int(room // passes)
+            if fits >= MIN_SPLIT and len(jobs) > fits:
+                stacks.append(jobs[:fits])  # this process is full; the rest of the group goes to the next
+                jobs, room = jobs[fits:], share
+            else:
+                stacks.append(jobs)
+                room -= len(jobs) * passes
+                jobs = []
+                if room < MIN_SPLIT:
+                    room = share
+    return stacks
 
 
 def split(jobs: list[int], parts: int) -> list[list[int]]:
@@ -157,7 +183,8 @@ def train_in_processes(
     stacks: list[list[int]], members: dict, processes: int, sweep_dir: str, started: list | None = None
 ) -> dict[int, float]:
     """Train the stacks side by side, each in a process of its own (`started` ones first), at most `processes` at
-    once, the largest first, the cores shared between them; returns each job's objective.
+    once, in the order given (`group_into_stacks` puts the most work first), the cores shared between them; returns
+    each job's objective.
 
     A stack's process writes its members' records exactly as a stack trained in this process would; the objectives
     are read back from their summaries. A stop signal (Ctrl-C, SIGTERM, the requeue signal) goes on to every
@@ -168,7 +195,7 @@ def train_in_processes(
 
     idle = list(started or [])
     cores = max(1, usable_cores() // processes)
-    waiting = sorted(range(len(stacks)), key=lambda number: -len(stacks[number]))
+    waiting = list(range(len(stacks)))
     running: dict[int, tuple[multiprocessing.Process, int, float]] = {}  # sentinel -> (process, stack, start)
     stops: list[int] = []  # the stop signals received
 
