@@ -228,7 +228,9 @@ def main(argv=None) -> int:
     context = bench.context_lines(SimpleArgs(args))
     context[0] = context[0].replace("interleaved, medians; ", "one process per launcher, back to back; ")
     context[0] = context[0].replace(
-        "training runs use 1 thread", "a lone job trains on 1 thread, a stack on 2 (trainer.threads=auto)"
+        "training runs use 1 thread",
+        "a lone job trains on 1 thread; the stacked launcher trains a stack per core, each in its own process on "
+        "1 thread (hydra.launcher.processes=auto, trainer.threads=auto)",
     )
     context.append(f"Device: {args.device}; load average before the first sweep: {load_before:.2f}.  ")
     lines = [*context, "", bench.format_table(rows), "", bench.target_summary(rows)]

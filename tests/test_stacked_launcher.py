@@ -313,9 +313,12 @@ def test_a_large_group_is_split_into_one_stack_per_process(data_root):
     from reglab.stacking import group_into_stacks
 
     seeds = {i: config(data_root, f"trainer.seed={i}") for i in range(10)}
-    assert group_into_stacks(seeds, 64, processes=2)[0] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert group_into_stacks(seeds, 64, processes=2)[0] == [
+        [1, 3, 5, 7, 9],
+        [0, 2, 4, 6, 8],
+    ]  # spread over the grid
     # each share within max_stack
-    assert group_into_stacks(seeds, 4, processes=2)[0] == [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]]
+    assert group_into_stacks(seeds, 4, processes=2)[0] == [[1, 3, 5], [7, 9], [0, 2, 4], [6, 8]]
     assert group_into_stacks(seeds, 64, processes=1)[0] == [list(range(10))]
     few = {i: seeds[i] for i in range(5)}  # too few jobs to be worth a second process
     assert group_into_stacks(few, 64, processes=2)[0] == [[0, 1, 2, 3, 4]]
@@ -326,8 +329,10 @@ def test_stacks_side_by_side_share_the_work_with_two_passes_counted_twice(data_r
 
     jobs = {i: config(data_root, f"trainer.seed={i}") for i in range(12)}
     jobs.update({i: config(data_root, "regularizer=sam", f"trainer.seed={i}") for i in range(12, 15)})
-    # 12 + 2 x 3 = 18 units of work: a stack of 9 for one process, 3 plain jobs and then the 3 SAM jobs for the other
-    assert group_into_stacks(jobs, 64, processes=2)[0] == [list(range(9)), [9, 10, 11], [12, 13, 14]]
+    # (12 + 2) + 2 x (3 + 2) = 24 units of work and 2 for the cut: 11 jobs for one process, the 12th and then the
+    # 3 SAM jobs for the other (stacking.work)
+    stacks = group_into_stacks(jobs, 64, processes=2)[0]
+    assert [len(stack) for stack in stacks] == [11, 1, 3] and stacks[2] == [12, 13, 14]
 
 
 def test_the_launcher_takes_the_config_the_sweeper_composed_instead_of_composing_it_again():

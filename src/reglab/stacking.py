@@ -28,10 +28,12 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-MIN_SPLIT = (
-    4  # a process is given a part of a group only when it is at least this many jobs: a smaller one gains
-)
-# less from a core of its own than its process costs to start (~3 s, torch's import)
+# a process is given a part of a group only when it is at least this many jobs: a smaller one gains less from a core
+# of its own than its process costs to start (~3 s, torch's import)
+MIN_SPLIT = 4
+# a stack's step costs about (jobs + STACK_OVERHEAD) x passes, counted in one member's share of a large stack's step:
+# a lone run's epoch took ~50 ms here, a member's share of a 24-member stack's epoch ~17 ms
+STACK_OVERHEAD = 2
 
 PER_MEMBER = (
     "trainer.seed",
@@ -98,25 +100,40 @@ def group_into_stacks(
 
 def shares_of_work(groups: list[tuple[list[int], int]], processes: int) -> list[list[int]]:
     """Groups of jobs (with their passes per step) cut into stacks such that `processes` processes, each taking the
-    next stack when it is free, get about equal work, counted as jobs x passes (a stack's step costs about that).
-    The largest groups are cut first, each cut leaving at least MIN_SPLIT jobs to the process it fills. `make sweep`: 36 jobs of one
-    pass and 3 SAM jobs of two on 2 processes are stacks of 21 jobs, 15 jobs and the 3 SAM jobs (21 + 21 of work)."""
-    share = sum(len(jobs) * passes for jobs, passes in groups) / processes
+    next stack when it is free, get about equal work (`work`). The largest groups are cut first, each cut giving the
+    process it fills at least MIN_SPLIT jobs, spread over the group so that each part gets its share of every
+    setting the group sweeps (a technique that costs more per member, say). `make sweep` on 2 processes: 36 jobs of
+    one pass and 3 SAM jobs of two become stacks of 23 jobs, of 13, and SAM's 3 (work 25 + 25)."""
+    share = (
+        sum(work(len(jobs), passes) for jobs, passes in groups) + STACK_OVERHEAD * (processes - 1)
+    ) / processes
     room = share  # the work the process being filled may still take
     stacks = []
-    for jobs, passes in sorted(groups, key=lambda group: -len(group[0]) * group[1]):
+    for jobs, passes in sorted(groups, key=lambda group: -work(len(group[0]), group[1])):
         while jobs:
-            fits = int(room // passes)
+            fits = int(room // passes) - STACK_OVERHEAD
             if fits >= MIN_SPLIT and len(jobs) > fits:
-                stacks.append(jobs[:fits])  # this process is full; the rest of the group goes to the next
-                jobs, room = jobs[fits:], share
+                part, jobs = spread(jobs, fits)
+                stacks.append(part)  # this process is full; the rest of the group goes to the next
+                room = share
             else:
                 stacks.append(jobs)
-                room -= len(jobs) * passes
+                room -= work(len(jobs), passes)
                 jobs = []
-                if room < MIN_SPLIT:
+                if room < work(MIN_SPLIT, 1):
                     room = share
     return stacks
+
+
+def work(jobs: int, passes: int) -> int:
+    """A stack's training time, in units of one member's share of a large stack's step."""
+    return passes * (jobs + STACK_OVERHEAD)
+
+
+def spread(jobs: list[int], count: int) -> tuple[list[int], list[int]]:
+    """`count` of the jobs, evenly spread over them, and the others: spread([0..5], 2) -> [2, 5], [0, 1, 3, 4]."""
+    chosen = {p for p in range(len(jobs)) if (p + 1) * count // len(jobs) > p * count // len(jobs)}
+    return [j for p, j in enumerate(jobs) if p in chosen], [j for p, j in enumerate(jobs) if p not in chosen]
 
 
 def split(jobs: list[int], parts: int) -> list[list[int]]:
