@@ -27,7 +27,7 @@ install: $(STAMP) ## create .venv and install reglab with its dev extra
 train: $(STAMP) ## run the default experiment (MLP on MNIST-1D); extra overrides via ARGS='...'
 	$(PY) train.py $(ARGS)
 
-# every technique that works on the default MLP (stochastic_depth needs a residual model), 3 seeds: 39 jobs, one stack
+# every technique that works on the default MLP (stochastic_depth needs a residual model), 3 seeds: 39 jobs, stacked
 SWEEP := regularizer=none,l1,l2,dropout,early_stopping,label_smoothing,noise,mixup,cutmix,swa,ema,sam,spectral_norm \
 	trainer.seed=0,1,2
 

@@ -329,10 +329,21 @@ def test_stacks_side_by_side_share_the_work_with_two_passes_counted_twice(data_r
 
     jobs = {i: config(data_root, f"trainer.seed={i}") for i in range(12)}
     jobs.update({i: config(data_root, "regularizer=sam", f"trainer.seed={i}") for i in range(12, 15)})
-    # (12 + 2) + 2 x (3 + 2) = 24 units of work and 2 for the cut: 11 jobs for one process, the 12th and then the
-    # 3 SAM jobs for the other (stacking.work)
+    # (12 + 2) + 2 x (3 + 2) = 24 units of work (stacking.work): the 12 plain jobs are 14 of it, the SAM jobs 10,
+    # and cutting 11 jobs off the 12 would leave a part below MIN_SPLIT
+    assert group_into_stacks(jobs, 64, processes=2)[0] == [list(range(12)), [12, 13, 14]]
+    jobs.update({i: config(data_root, f"trainer.seed={i}") for i in range(15, 24)})  # 21 plain jobs now
     stacks = group_into_stacks(jobs, 64, processes=2)[0]
-    assert [len(stack) for stack in stacks] == [11, 1, 3] and stacks[2] == [12, 13, 14]
+    assert [len(stack) for stack in stacks] == [16, 5, 3] and stacks[2] == [12, 13, 14]  # 18 and 7 + 10 of work
+
+
+def test_more_cores_give_more_stacks_never_smaller_than_min_split(data_root):
+    from reglab.stacking import MIN_SPLIT, group_into_stacks
+
+    seeds = {i: config(data_root, f"trainer.seed={i}") for i in range(48)}
+    assert [len(stack) for stack in group_into_stacks(seeds, 64, processes=16)[0]] == [MIN_SPLIT] * 12
+    fifteen = {i: seeds[i] for i in range(15)}
+    assert [len(stack) for stack in group_into_stacks(fifteen, 64, processes=2)[0]] == [8, 7]  # no tail of one
 
 
 def test_the_launcher_takes_the_config_the_sweeper_composed_instead_of_composing_it_again():

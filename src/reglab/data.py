@@ -8,6 +8,7 @@ split, and only to the training part: validation and test labels stay clean.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -218,11 +219,27 @@ def _torchvision_arrays(name: str, root: Path, download: bool):
 
     cls = getattr(datasets, TORCHVISION_SETS[name])
     try:
-        train = cls(root=str(root), train=True, download=download)
-        test = cls(root=str(root), train=False, download=download)
+        # stacks side by side load the same set at once: one process downloads, the others wait and then read it
+        with _exclusive(root / ".reglab-download.lock") if download else contextlib.nullcontext():
+            train = cls(root=str(root), train=True, download=download)
+            test = cls(root=str(root), train=False, download=download)
     except Exception as err:  # torchvision raises RuntimeError, URLError, OSError... depending on what failed
         raise DatasetUnavailable(name, root, download, err) from err
     return (*_torchvision_tensors(train), *_torchvision_tensors(test))
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path):
+    """Hold an exclusive lock on `lock_file` (created if need be) while the block runs."""
+    import fcntl
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _torchvision_tensors(ds) -> tuple[np.ndarray, np.ndarray]:

@@ -520,8 +520,9 @@ def _figure(size: tuple[float, float], margins: dict):
 def _save(figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # zlib level 1 instead of PIL's 6: 11% less time per figure for 11% larger files (measured on the three figures)
-    figure.savefig(path, dpi=100, pil_kwargs={"compress_level": 1})
+    # PNG: zlib level 1 instead of PIL's 6, 11% less time per figure for 11% larger files (measured, three figures)
+    png = {"pil_kwargs": {"compress_level": 1}} if path.suffix.lower() == ".png" else {}
+    figure.savefig(path, dpi=100, **png)
     figure.clear()
     return path
 

@@ -99,11 +99,14 @@ def group_into_stacks(
 
 
 def shares_of_work(groups: list[tuple[list[int], int]], processes: int) -> list[list[int]]:
-    """Groups of jobs (with their passes per step) cut into stacks such that `processes` processes, each taking the
-    next stack when it is free, get about equal work (`work`). The largest groups are cut first, each cut giving the
-    process it fills at least MIN_SPLIT jobs, spread over the group so that each part gets its share of every
-    setting the group sweeps (a technique that costs more per member, say). `make sweep` on 2 processes: 36 jobs of
-    one pass and 3 SAM jobs of two become stacks of 23 jobs, of 13, and SAM's 3 (work 25 + 25)."""
+    """Groups of jobs (with their passes per step) cut into stacks such that the processes, each taking the next
+    stack when it is free, get about equal work (`work`): at most `processes`, and no more than MIN_SPLIT jobs
+    each allow. The largest groups are cut first, never into a part below MIN_SPLIT jobs, each part's jobs spread
+    over the group so that it gets its share of every setting the group sweeps (a technique that costs more per
+    member, say). `make sweep` on 2 processes: 36 jobs of one pass and 3 SAM jobs of two become stacks of 23 jobs,
+    of 13, and SAM's 3 (work 25 + 25)."""
+    jobs_in_all = sum(len(jobs) for jobs, _ in groups)
+    processes = max(1, min(processes, jobs_in_all // MIN_SPLIT))
     share = (
         sum(work(len(jobs), passes) for jobs, passes in groups) + STACK_OVERHEAD * (processes - 1)
     ) / processes
@@ -111,8 +114,8 @@ def shares_of_work(groups: list[tuple[list[int], int]], processes: int) -> list[
     stacks = []
     for jobs, passes in sorted(groups, key=lambda group: -work(len(group[0]), group[1])):
         while jobs:
-            fits = int(room // passes) - STACK_OVERHEAD
-            if fits >= MIN_SPLIT and len(jobs) > fits:
+            fits = math.ceil(room / passes - STACK_OVERHEAD)
+            if processes > 1 and fits >= MIN_SPLIT and len(jobs) - fits >= MIN_SPLIT:
                 part, jobs = spread(jobs, fits)
                 stacks.append(part)  # this process is full; the rest of the group goes to the next
                 room = share
@@ -156,6 +159,13 @@ def first_difference(a: dict, b: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Stacks side by side, one process each
+
+
+def stop_codes() -> set[int]:
+    """The exit statuses of a stack process that stopped on a signal after writing its checkpoints (128 + signal)."""
+    from reglab.preemption import requeue_signal
+
+    return {128 + sig for sig in (signal.SIGINT, signal.SIGTERM, requeue_signal())}
 
 
 def resolve_processes(setting: int | str, devices: set[str]) -> int:
@@ -208,46 +218,83 @@ def train_in_processes(
     running stack, which checkpoints its members at the end of its epoch, and no further stack starts; then this
     process exits as an interrupted stack does. A stack whose process dies (out of memory, killed) fails its own
     unfinished members and no one else's."""
+    from reglab.checkpoint import finished_summary
     from reglab.loop import usable_cores
 
     idle = list(started or [])
     cores = max(1, usable_cores() // processes)
     waiting = list(range(len(stacks)))
-    running: dict[int, tuple[multiprocessing.Process, int, float]] = {}  # sentinel -> (process, stack, start)
+    # sentinel -> (process, stack number, when it was handed over, its jobs that had finished before)
+    running: dict[int, tuple[multiprocessing.Process, int, float, set[int]]] = {}
     stops: list[int] = []  # the stop signals received
 
     def stop(signum, frame=None):
         stops.append(signum)
-        for process, _, _ in running.values():
+        for process, *_ in running.values():
             if process.exitcode is None:
                 os.kill(process.pid, signum)
 
+    release(idle[processes:])  # more were started than there are stacks to train side by side
+    idle = idle[:processes]
+    raised = []  # stacks whose process ended on an error that trainer.on_error=raise asks to pass on
     with stop_signals_calling(stop):
         while running or (waiting and not stops):
             while waiting and len(running) < processes and not stops:
                 number = waiting.pop(0)
-                process, pipe = idle.pop(0) if idle else start_stack_processes(1)[0]
                 jobs = [
                     (idx, members[idx].cfg, members[idx].run_dir, members[idx].job) for idx in stacks[number]
                 ]
-                running[process.sentinel] = (process, number, time.time())
-                pipe.send((number, jobs, sweep_dir, cores))
-                pipe.close()
-            for sentinel in multiprocessing.connection.wait(list(running)):
-                process, number, handed_over = running.pop(sentinel)
+                finished = {
+                    idx for idx in stacks[number] if finished_summary(members[idx].run_dir) is not None
+                }
+                process = hand_over(idle, (number, jobs, sweep_dir, cores))
+                running[process.sentinel] = (process, number, time.time(), finished)
+                if stops:  # a stop came while it was handed over: pass it on now
+                    os.kill(process.pid, stops[0])
+            for sentinel in multiprocessing.connection.wait(list(running)) if running else []:
+                process, number, handed_over, finished = running.pop(sentinel)
                 process.join()
-                if (
-                    process.exitcode > 128 and not stops
-                ):  # the stack was stopped: the sweep stops, as in-process
-                    stop(process.exitcode - 128)
-                elif process.exitcode != 0 and not stops:
-                    stack = [members[idx] for idx in stacks[number]]
-                    fail_unfinished_members(stack, number, process.exitcode, handed_over)
+                code = exit_code(process)
+                process.close()
+                # a stack stopped on a signal: the sweep stops, as in one process
+                if code in stop_codes() and not stops:
+                    stop(code - 128)
+                elif code != 0 and not stops:
+                    stack = [members[idx] for idx in stacks[number] if idx not in finished]
+                    fail_unfinished_members(stack, number, code, handed_over)
+                    if any(m.cfg["trainer"]["on_error"] == "raise" for m in stack):
+                        raised.append(number)
+            if not waiting:
+                release(idle)
+                idle = []
     release(idle)
     objectives = {idx: objective_on_disk(members[idx].run_dir) for jobs in stacks for idx in jobs}
     if stops:
         raise SystemExit(128 + stops[0])
+    # as an error in a stack trained in this process would, it fails the sweep (here after the others ended)
+    if raised:
+        raise RuntimeError(
+            f"stack(s) {raised} failed with trainer.on_error=raise; their errors are printed above"
+        )
     return objectives
+
+
+def hand_over(idle: list, stack: tuple) -> multiprocessing.Process:
+    """Send a stack to a started process (a fresh one when none is left, or when one died while it waited)."""
+    while True:
+        process, pipe = idle.pop(0) if idle else start_stack_processes(1)[0]
+        try:
+            pipe.send(stack)
+        except OSError:  # it died while loading (out of memory, killed): the next one
+            pipe.close()
+            process.join()
+            continue
+        pipe.close()
+        return process
+
+
+def exit_code(process: multiprocessing.Process) -> int:
+    return process.exitcode if process.exitcode is not None else -1
 
 
 def stack_process(pipe: Connection) -> None:
@@ -255,6 +302,10 @@ def stack_process(pipe: Connection) -> None:
     that a terminal's Ctrl-C reaches it once, passed on by the launcher, and not a second time directly (a second
     Ctrl-C stops a stack at once)."""
     os.setpgid(0, 0)
+    early = []  # a stop before the stack trains: nothing to checkpoint, its jobs start afresh on resume
+    for sig in stop_codes():
+        signal.signal(sig - 128, lambda signum, frame: early.append(signum))
+    stop_with_launcher()
     import gc
 
     import torch._dynamo  # noqa: F401  (the optimizer's first step imports it, ~1.7 s: now, while waiting)
@@ -266,6 +317,8 @@ def stack_process(pipe: Connection) -> None:
         number, jobs, sweep_dir, cores = pipe.recv()
     except EOFError:  # no stack for this one
         return
+    if early:
+        raise SystemExit(128 + early[0])
     members = {}
     for idx, cfg, run_dir, job in jobs:
         job.cores, job.parallel = cores, True
@@ -273,6 +326,22 @@ def stack_process(pipe: Connection) -> None:
     gc.collect()
     gc.freeze()  # as `cli.train_members` does: torch's long-lived objects out of the collector's sight
     train_one_stack(number, members, sweep_dir)
+
+
+def stop_with_launcher() -> None:
+    """Linux: SIGTERM to this process when the launcher's process dies (killed, crashed), so that the stack
+    checkpoints and stops instead of training on unsupervised."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 @contextlib.contextmanager

@@ -174,8 +174,10 @@ class StackedLauncher(Launcher):
         if self.started or count != 2 * MIN_SPLIT:
             return
         processes = resolve_processes(self.processes, {str(self.config.trainer.device)})
-        if processes > 1:
-            self.started = start_stack_processes(processes)
+        if (
+            processes > 1
+        ):  # two, as many as 2 x MIN_SPLIT jobs can use; a larger sweep starts more when it needs them
+            self.started = start_stack_processes(2)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from reglab.cli import train_members
