@@ -334,7 +334,11 @@ def test_stacks_side_by_side_share_the_work_with_two_passes_counted_twice(data_r
     assert group_into_stacks(jobs, 64, processes=2)[0] == [list(range(12)), [12, 13, 14]]
     jobs.update({i: config(data_root, f"trainer.seed={i}") for i in range(15, 24)})  # 21 plain jobs now
     stacks = group_into_stacks(jobs, 64, processes=2)[0]
-    assert [len(stack) for stack in stacks] == [16, 5, 3] and stacks[2] == [12, 13, 14]  # 18 and 7 + 10 of work
+    assert [len(stack) for stack in stacks] == [16, 5, 3] and stacks[2] == [
+        12,
+        13,
+        14,
+    ]  # 18 and 7 + 10 of work
 
 
 def test_more_cores_give_more_stacks_never_smaller_than_min_split(data_root):
@@ -343,7 +347,10 @@ def test_more_cores_give_more_stacks_never_smaller_than_min_split(data_root):
     seeds = {i: config(data_root, f"trainer.seed={i}") for i in range(48)}
     assert [len(stack) for stack in group_into_stacks(seeds, 64, processes=16)[0]] == [MIN_SPLIT] * 12
     fifteen = {i: seeds[i] for i in range(15)}
-    assert [len(stack) for stack in group_into_stacks(fifteen, 64, processes=2)[0]] == [8, 7]  # no tail of one
+    assert [len(stack) for stack in group_into_stacks(fifteen, 64, processes=2)[0]] == [
+        8,
+        7,
+    ]  # no tail of one
 
 
 def test_the_launcher_takes_the_config_the_sweeper_composed_instead_of_composing_it_again():
