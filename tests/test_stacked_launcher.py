@@ -34,6 +34,7 @@ def test_a_stacked_sweep_records_exactly_what_the_basic_launcher_does(tmp_path, 
             data_root,
         )
         runs[launcher] = (sweep, result.stdout)
+        assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
     (basic, _), (stacked, out) = runs["basic"], runs["stacked"]
     assert "8 jobs in 2 stack(s)" in out and "model.name='cnn1d' (not 'mlp')" in out
     for mine, theirs in zip(job_dirs(stacked), job_dirs(basic), strict=True):

@@ -203,7 +203,8 @@ def release(processes: list[tuple[multiprocessing.Process, Connection]]) -> None
     """Let stack processes that were never handed a stack exit, and wait for them."""
     for process, pipe in processes:
         pipe.close()
-        process.join()
+        with contextlib.suppress(ValueError):  # closed: it was handed a stack and waited for already
+            process.join()
 
 
 def train_in_processes(
@@ -237,7 +238,7 @@ def train_in_processes(
     release(idle[processes:])  # more were started than there are stacks to train side by side
     idle = idle[:processes]
     raised = []  # stacks whose process ended on an error that trainer.on_error=raise asks to pass on
-    with stop_signals_calling(stop):
+    with stop_signals_calling(stop), stopping_stacks_on_error(running):
         while running or (waiting and not stops):
             while waiting and len(running) < processes and not stops:
                 number = waiting.pop(0)
@@ -277,6 +278,19 @@ def train_in_processes(
             f"stack(s) {raised} failed with trainer.on_error=raise; their errors are printed above"
         )
     return objectives
+
+
+@contextlib.contextmanager
+def stopping_stacks_on_error(running: dict):
+    """An error in this loop itself stops the running stacks (each checkpoints) instead of leaving this process to
+    wait at exit for them to train to the end."""
+    try:
+        yield
+    except BaseException:
+        for process, *_ in running.values():
+            if process.exitcode is None:
+                os.kill(process.pid, signal.SIGTERM)
+        raise
 
 
 def hand_over(idle: list, stack: tuple) -> multiprocessing.Process:
