@@ -100,8 +100,8 @@ def group_into_stacks(
 
 def shares_of_work(groups: list[tuple[list[int], int]], processes: int) -> list[list[int]]:
     """Groups of jobs (with their passes per step) cut into stacks such that the processes, each taking the next
-    stack when it is free, get about equal work (`work`): at most `processes`, and no more than MIN_SPLIT jobs
-    each allow. The largest groups are cut first, never into a part below MIN_SPLIT jobs, each part's jobs spread
+    stack when it is free, get about equal work (`work`): `processes` of them, or fewer when there are fewer than
+    MIN_SPLIT jobs for each. The largest groups are cut first, never into a part below MIN_SPLIT jobs, each part's jobs spread
     over the group so that it gets its share of every setting the group sweeps (a technique that costs more per
     member, say). `make sweep` on 2 processes: 36 jobs of one pass and 3 SAM jobs of two become stacks of 23 jobs,
     of 13, and SAM's 3 (work 25 + 25)."""
@@ -255,7 +255,7 @@ def train_in_processes(
             for sentinel in multiprocessing.connection.wait(list(running)) if running else []:
                 process, number, handed_over, finished = running.pop(sentinel)
                 process.join()
-                code = exit_code(process)
+                code = process.exitcode
                 process.close()
                 # a stack stopped on a signal: the sweep stops, as in one process
                 if code in stop_codes() and not stops:
@@ -305,10 +305,6 @@ def hand_over(idle: list, stack: tuple) -> multiprocessing.Process:
             continue
         pipe.close()
         return process
-
-
-def exit_code(process: multiprocessing.Process) -> int:
-    return process.exitcode if process.exitcode is not None else -1
 
 
 def stack_process(pipe: Connection) -> None:

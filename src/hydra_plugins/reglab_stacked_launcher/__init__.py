@@ -174,9 +174,8 @@ class StackedLauncher(Launcher):
         if self.started or count != 2 * MIN_SPLIT:
             return
         processes = resolve_processes(self.processes, {str(self.config.trainer.device)})
-        if (
-            processes > 1
-        ):  # two, as many as 2 x MIN_SPLIT jobs can use; a larger sweep starts more when it needs them
+        # two, as many as 2 x MIN_SPLIT jobs can use; a larger sweep starts more when it needs them
+        if processes > 1:
             self.started = start_stack_processes(2)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
