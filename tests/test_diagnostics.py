@@ -311,3 +311,19 @@ def test_plots_are_written_as_png(tmp_path):
     for path in paths:
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         assert path.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("models, samples", [(1, 3200), (3, 800), (24, 3200)])
+def test_prediction_metrics_of_stacked_models_equal_each_model_alone_exactly(models, samples):
+    """A stack evaluates its members' logits [K, N, classes] in one call: each member's metrics must be exactly the
+    ones its own logits give, or a stacked job's records would differ from its lone run's."""
+    generator = torch.Generator().manual_seed(models)
+    logits = 2.5 * torch.randn(models, samples, 10, generator=generator)
+    targets = torch.randint(10, (models, samples), generator=generator)
+    stacked = diagnostics.prediction_metrics(logits, targets)
+    assert all(value.shape == (models,) for value in stacked.values())
+    for k in range(models):
+        alone = diagnostics.prediction_metrics(logits[k], targets[k])
+        assert {name: stacked[name][k].item() for name in alone} == {
+            name: v.item() for name, v in alone.items()
+        }

@@ -235,3 +235,25 @@ def test_a_stack_on_several_threads_sums_as_its_lone_runs_do(tmp_path, data_root
         assert {k: v for k, v in summary.items() if k not in varying} == {
             k: v for k, v in lone.items() if k not in varying
         }
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn1d", "resmlp"])
+def test_evaluation_computes_what_training_computes(model):
+    """Without autograd a stacked layer takes a faster path (bmm, then the bias added in place; ReLU in place): its
+    logits must be exactly those of the forward pass that training takes."""
+    from reglab.models import Architecture, build_model
+    from reglab.regularizers.dropout import DropoutPlan
+
+    cfg = {
+        "mlp": {"hidden": [100, 100]},
+        "cnn1d": {"channels": [8, 16], "kernel_size": [5, 3], "hidden": [32]},
+        "resmlp": {"width": 32, "blocks": 2, "hidden": []},
+    }
+    arch = Architecture(input_shape=(1, 40), num_classes=10, seeds=[0, 1, 2], dropout=[DropoutPlan()] * 3)
+    stack = build_model({"name": model, "activation": "relu", **cfg[model]}, arch).eval()
+    x = torch.randn(3, 3200, 1, 40, generator=torch.Generator().manual_seed(0))
+    with torch.enable_grad():
+        training = stack(x)
+    with torch.inference_mode():
+        evaluation = stack(x)
+    assert training.requires_grad and torch.equal(training.detach(), evaluation)

@@ -36,32 +36,34 @@ SPARSE_ZERO_FRAC = 0.01  # more than 1% exact zeros is a deliberate sparsity pat
 
 
 def _calibration_bins(confidences: Tensor, correct: Tensor, n_bins: int) -> Tensor:
-    """Per confidence bin: (sample count, number correct, sum of confidences), shape (n_bins, 3).
+    """Per confidence bin: (sample count, number correct, sum of confidences), shape (..., n_bins, 3): samples
+    along the last dimension, one model per index of the leading ones.
 
     Bin b holds the confidences in (b/n_bins, (b+1)/n_bins]: right-closed, as in Guo et al. (2017); a confidence
     of exactly 0 falls into bin 0.
     """
-    confidences = confidences.detach().flatten().float()
-    correct = correct.detach().flatten().to(confidences.dtype)
+    confidences = confidences.detach().float()
+    correct = correct.detach().to(confidences.dtype)
     inner_edges = torch.linspace(0, 1, n_bins + 1, device=confidences.device)[1:-1]
     bin_index = torch.bucketize(confidences, inner_edges)  # right=False: edge[b-1] < confidence <= edge[b]
-    per_sample = torch.stack([torch.ones_like(confidences), correct, confidences], dim=1)
+    per_sample = torch.stack([torch.ones_like(confidences), correct, confidences], dim=-1)
     # a one-hot matrix product instead of a scatter-add (index_add_), whose CUDA kernel adds in a
     # non-deterministic order: the same logits give the same ECE on every device and every run
     membership = torch.nn.functional.one_hot(bin_index, n_bins).to(per_sample.dtype)
-    return membership.T @ per_sample
+    return membership.transpose(-1, -2) @ per_sample
 
 
 def expected_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int = 15) -> Tensor:
-    """Expected calibration error of top-label confidences (Guo et al. 2017), as a 0-d tensor (no host sync).
+    """Expected calibration error of top-label confidences (Guo et al. 2017), as a 0-d tensor (no host sync), or one
+    per model for samples along the last dimension of [models, N].
 
     ECE = Σ_b (|B_b|/N)·|acc(B_b) − conf(B_b)| over `n_bins` equal-width bins (lo, hi] of the confidence, which
     simplifies to Σ_b |Σ_{i∈B_b} (correct_i − confidence_i)| / N. `correct` is 1 where the top-label prediction
     is right. torchmetrics bins [lo, hi) instead and gives confidences of exactly 1.0 a bin of their own; the
     two agree unless a confidence lies exactly on a bin edge. N = 0 gives NaN.
     """
-    counts, n_correct, confidence_sum = _calibration_bins(confidences, correct, n_bins).unbind(dim=1)
-    return (n_correct - confidence_sum).abs().sum() / counts.sum()
+    counts, n_correct, confidence_sum = _calibration_bins(confidences, correct, n_bins).unbind(dim=-1)
+    return (n_correct - confidence_sum).abs().sum(-1) / counts.sum(-1)
 
 
 def _top_label(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,18 +74,26 @@ def _top_label(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]
 
 
 def prediction_metrics(logits: Tensor, targets: Tensor, n_bins: int = 15) -> dict[str, Tensor]:
-    """Metrics of class predictions as 0-d tensors on the logits' device (nothing is copied to the host).
+    """Metrics of class predictions as 0-d tensors on the logits' device (nothing is copied to the host); for
+    logits [K, N, classes] and targets [K, N], of K models at once, each metric a [K] tensor, member k's value
+    exactly what its logits alone give (tests/test_diagnostics.py).
 
     "nll": mean cross-entropy −log p(target) without label smoothing; "acc": fraction of correct top-label
     predictions; "ece": `expected_calibration_error` with `n_bins` bins; "confidence": mean top-label
     probability. `targets` are class indices.
     """
     log_probs, confidences, correct = _top_label(logits, targets)
+    if log_probs.ndim == 2:
+        nll = F.nll_loss(log_probs, targets)
+    else:  # nll_loss sums its mean in an order of its own: one call per model keeps every model's rounding
+        nll = torch.stack(
+            [F.nll_loss(model_log_probs, t) for model_log_probs, t in zip(log_probs, targets, strict=True)]
+        )
     return {
-        "nll": F.nll_loss(log_probs, targets),
-        "acc": correct.mean(),
+        "nll": nll,
+        "acc": correct.mean(-1),
         "ece": expected_calibration_error(confidences, correct, n_bins),
-        "confidence": confidences.mean(),
+        "confidence": confidences.mean(-1),
     }
 
 

@@ -611,17 +611,20 @@ def epoch_metrics(model, data: DataSplits, regs, losses, lrs: list[float], stack
             **{f"val/{name}": v for name, v in val[k].items()},
         }
     numbers = as_floats_nested(values)
-    with diagnostics.one_thread():  # as in `evaluate`
-        return [
-            {
-                **numbers[k],
-                "gap/val_loss": numbers[k]["val/loss"] - numbers[k]["train/loss"],
-                "gap/val_acc": numbers[k]["train/acc"] - numbers[k]["val/acc"],
-                **diagnostics.weight_statistics(member_weights(model, k)),
-                "lr": lrs[k],
-            }
-            for k in range(members)
-        ]
+    # as in `evaluate`, on one thread; one member at a time: a float64 sum over the rows of K members' weights rounds
+    # otherwise than over one member's (measured: weights/l2 in its last digit)
+    with diagnostics.one_thread():
+        weights = [diagnostics.weight_statistics(member_weights(model, k)) for k in range(members)]
+    return [
+        {
+            **numbers[k],
+            "gap/val_loss": numbers[k]["val/loss"] - numbers[k]["train/loss"],
+            "gap/val_acc": numbers[k]["train/acc"] - numbers[k]["val/acc"],
+            **weights[k],
+            "lr": lrs[k],
+        }
+        for k in range(members)
+    ]
 
 
 @torch.inference_mode()
@@ -639,13 +642,15 @@ def evaluate(model, x: Tensor, y: Tensor, batch_size: int) -> list[dict[str, Ten
     # a sum of over 32768 numbers is split between threads, with other rounding: a member's metrics are taken on one
     # thread, as in its lone run (trainer.threads=auto gives a stack more)
     with diagnostics.one_thread():
-        return [scores(logits[k], y[k]) for k in range(len(logits))]
+        metrics = scores(logits, y)  # all members at once, each [K]
+    return [{name: value[k] for name, value in metrics.items()} for k in range(len(y))]
 
 
 @torch.inference_mode()
 def scores(logits: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """loss = nll = plain cross-entropy, whatever the training objective: comparable across techniques (the
-    training objective itself, e.g. smoothed cross-entropy, is logged as loss/data)."""
+    """One model's metrics (logits [N, classes]), or each member's (logits [K, N, classes]). loss = nll = plain
+    cross-entropy, whatever the training objective: comparable across techniques (the training objective itself,
+    e.g. smoothed cross-entropy, is logged as loss/data)."""
     metrics = diagnostics.prediction_metrics(logits, y)
     return {"loss": metrics["nll"], **metrics}
 
