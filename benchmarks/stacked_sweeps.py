@@ -1,9 +1,11 @@
 """`make bench-sweeps`: whole sweeps through the stacked launcher against Hydra's basic and joblib launchers.
 
-Each workload is one `python train.py -m ...` process per launcher, run back to back and timed start to exit (the
-sweep report included); peak memory is that of all the sweep's processes together
-(private pages of each, shared library pages once: bench.TreeMemory, sampled every 0.1 s). The workloads and targets are those of
-issue 10 ("Train a whole sweep as one batched model"):
+Each sweep is one `python train.py -m ...` process, timed start to exit (the sweep report included); peak memory is
+that of all the sweep's processes together (private pages of each, shared library pages once: bench.TreeMemory,
+sampled every 0.1 s). This machine's speed drifts over minutes (the same `make sweep` took 112 s, then 144 s half
+an hour later), so stacked runs bracket every baseline run (stacked, basic, stacked, joblib, stacked) and each
+baseline is compared with the mean of the two stacked runs around it: a drift that is steady over the pair weighs
+on both sides alike. The workloads and targets are those of issue 10 ("Train a whole sweep as one batched model"):
 
   1. 48-job grid: regularizer=l2, 4 weight decays x 12 seeds, 150 epochs, logger=none: basic, joblib, stacked
   2. `make sweep`: every technique the MLP takes, at its default strength, and none, 3 seeds (39 jobs): basic vs
@@ -112,9 +114,11 @@ def workloads(args) -> list[Workload]:
     ]
 
 
-def run_sweep(args, workload: Workload, launcher: str, workdir: Path, env: dict) -> bench.Finished:
+def run_sweep(args, workload: Workload, launcher: str, workdir: Path, env: dict, run: int) -> bench.Finished:
+    """The workload's sweep through one launcher, the `run`-th of the workload, in a directory of its own (a second
+    sweep into the same one would find its jobs finished and skip them)."""
     slug = "".join(c if c.isalnum() or c == "-" else "_" for c in workload.name)
-    sweep_dir = workdir / f"{slug}-{launcher}"
+    sweep_dir = workdir / f"{slug}-{run}-{launcher}"
     overrides = list(workload.overrides)
     if launcher == "basic" and workload.scalable and args.basic_jobs and args.basic_jobs < workload.jobs:
         overrides = [
@@ -132,22 +136,26 @@ def run_sweep(args, workload: Workload, launcher: str, workdir: Path, env: dict)
     return finished
 
 
-def rows_for(workload: Workload, times: dict[str, bench.Finished]) -> list[bench.Row]:
+def rows_for(
+    workload: Workload, times: dict[str, bench.Finished], stacked_runs: list[bench.Finished]
+) -> list[bench.Row]:
+    """One row per baseline, against the mean of the two stacked runs that bracket it (`bracketed`)."""
     rows = []
-    stacked = times["stacked"]
-    for launcher in workload.launchers[:-1]:
+    for index, launcher in enumerate(workload.launchers[:-1]):
         base = times[launcher]
         base_s = base.wall_s * workload.jobs / base.jobs  # scaled when --basic-jobs timed a part of the grid
         scaled = f" (timed on {base.jobs} jobs, scaled)" if base.jobs != workload.jobs else ""
-        ratio = stacked.wall_s / base_s
+        around = stacked_runs[index : index + 2]
+        stacked_s = sum(run.wall_s for run in around) / len(around)
+        ratio = stacked_s / base_s
         limit = workload.targets.get(launcher)
         rows.append(
             bench.Row(
                 "",
                 f"{workload.name}: {launcher} (A) vs stacked (B)",
-                "whole sweep, start to exit" + scaled,
+                "whole sweep, start to exit" + scaled + "; B: mean of the runs before and after A",
                 f"{base_s:.1f} s",
-                f"{stacked.wall_s:.1f} s",
+                f"{stacked_s:.1f} s ({' / '.join(f'{run.wall_s:.1f}' for run in around)})",
                 f"{ratio:.2f}x ({1 / ratio:.1f}x faster)",
                 "-" if limit is None else f"<= {limit:.2f}x ({1 / limit:g}x faster)",
                 "info" if limit is None else bench.verdict(ratio <= limit),
@@ -156,16 +164,25 @@ def rows_for(workload: Workload, times: dict[str, bench.Finished]) -> list[bench
     return rows
 
 
-def memory_row(workload: Workload, stacked: bench.Finished, limit_mb: float) -> bench.Row:
+def bracketed(launchers: tuple[str, ...]) -> list[str]:
+    """The order of a workload's runs: stacked before and after every baseline (stacked, basic, stacked, ...)."""
+    order = ["stacked"]
+    for launcher in launchers[:-1]:
+        order += [launcher, "stacked"]
+    return order
+
+
+def memory_row(workload: Workload, stacked_runs: list[bench.Finished], limit_mb: float) -> bench.Row:
+    peak = max(run.peak_tree_mb for run in stacked_runs)
     return bench.Row(
         "",
         f"{workload.name}: the stacked launcher's processes together",
-        "peak memory of all its processes together",
+        "peak memory of all its processes together, the largest of its runs",
         "-",
-        f"{stacked.peak_tree_mb:.0f} MB",
+        f"{peak:.0f} MB",
         "-",
         f"<= {limit_mb:.0f} MB",
-        bench.verdict(stacked.peak_tree_mb <= limit_mb),
+        bench.verdict(peak <= limit_mb),
     )
 
 
@@ -212,21 +229,27 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0]
     chosen = [w for w in workloads(args) if not args.only or any(word in w.name for word in args.only)]
     for workload in chosen:
-        times = {}
-        for launcher in workload.launchers:
-            times[launcher] = run_sweep(args, workload, launcher, workdir, env)
+        times, stacked_runs = {}, []
+        for run, launcher in enumerate(bracketed(workload.launchers)):
+            finished = run_sweep(args, workload, launcher, workdir, env, run)
+            if launcher == "stacked":
+                stacked_runs.append(finished)
+            else:
+                times[launcher] = finished
             bench.log(
-                f"{workload.name:<32} {launcher:<8} {times[launcher].wall_s:7.1f} s "
-                f"({times[launcher].jobs} jobs, peak {times[launcher].peak_rss_mb:.0f} MB, "
-                f"all processes {times[launcher].peak_tree_mb:.0f} MB)"
+                f"{workload.name:<32} {launcher:<8} {finished.wall_s:7.1f} s "
+                f"({finished.jobs} jobs, peak {finished.peak_rss_mb:.0f} MB, "
+                f"all processes {finished.peak_tree_mb:.0f} MB)"
             )
-        rows += rows_for(workload, times)
+        rows += rows_for(workload, times, stacked_runs)
         if workload.name.endswith("l2 grid"):
-            rows.append(memory_row(workload, times["stacked"], 2000))
+            rows.append(memory_row(workload, stacked_runs, 2000))
     for number, row in enumerate(rows, 1):
         row.number = str(number)
     context = bench.context_lines(SimpleArgs(args))
-    context[0] = context[0].replace("interleaved, medians; ", "one process per launcher, back to back; ")
+    context[0] = context[0].replace(
+        "interleaved, medians; ", "one process per sweep, stacked runs before and after every baseline run; "
+    )
     context[0] = context[0].replace(
         "training runs use 1 thread",
         "a lone job trains on 1 thread; the stacked launcher trains a stack per core, each in its own process on "

@@ -2,7 +2,7 @@
 
     python -m reglab.reproduce [--presets calibration,dropout] [--out docs/results.md]   (or: make reproduce)
 
-Each preset is a sweep through the real entrypoint (`train.py -m experiment=NAME`, joblib launcher). Each finding
+Each preset is a sweep through the real entrypoint (`train.py -m experiment=NAME`, stacked launcher). Each finding
 then reads the jobs' summary.json files, states the published reference, reglab's mean ± std over seeds, the
 range the reference leads us to expect, and whether the measurement falls in it. The ranges come from the papers
 and are never tuned to the result: where reglab lands outside, the note says why.
