@@ -342,6 +342,29 @@ def test_stacks_side_by_side_share_the_work_with_two_passes_counted_twice(data_r
     ]  # 18 and 7 + 10 of work
 
 
+def test_shares_count_what_each_technique_adds_to_a_members_cost():
+    """`make sweep` on 2 cores: dropout's, mixup's, cutmix's and spectral norm's members cost more per step than the
+    others (Technique.step_cost), and the SAM stack's three jobs less than their two passes' plain count, so the
+    process that also trains SAM's stack takes 15 of the 36 single-pass jobs (it took 13 when every member counted
+    1, and ended ~19 s before the other)."""
+    from reglab.stacking import group_into_stacks
+
+    options = "none l1 l2 dropout early_stopping label_smoothing noise mixup cutmix swa ema sam spectral_norm".split()
+    jobs = {}
+    for option in options:
+        for seed in range(3):
+            jobs[len(jobs)] = {
+                "regularizer": {} if option == "none" else {option: {}},
+                "trainer": {"seed": seed},
+            }
+    stacks = group_into_stacks(jobs, 64, processes=2)[0]
+    assert [len(stack) for stack in stacks] == [21, 15, 3]
+    assert stacks[2] == [33, 34, 35]  # SAM's
+    for option in set(options) - {"sam"}:  # each share of the single-pass group has every technique
+        first = options.index(option) * 3
+        assert all(set(stack) & {first, first + 1, first + 2} for stack in stacks[:2]), option
+
+
 def test_more_cores_give_more_stacks_never_smaller_than_min_split(data_root):
     from reglab.stacking import MIN_SPLIT, group_into_stacks
 

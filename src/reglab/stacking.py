@@ -24,15 +24,17 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import statistics
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 # a process is given a part of a group only when it is at least this many jobs: a smaller one gains less from a core
 # of its own than its process costs to start (~3 s, torch's import)
 MIN_SPLIT = 4
-# a stack's step costs about (jobs + STACK_OVERHEAD) x passes, counted in one member's share of a large stack's step:
-# a lone run's epoch took ~50 ms here, a member's share of a 24-member stack's epoch ~17 ms
+# a stack's step costs about (jobs x member cost + STACK_OVERHEAD) x passes (`Cost`), counted in one plain member's
+# share of a large stack's step: a lone run's epoch took ~50 ms here, a member's share of a 24-member stack's ~17 ms
 STACK_OVERHEAD = 2
 
 PER_MEMBER = (
@@ -66,11 +68,21 @@ def shared_settings(cfg: dict, prefix: str = "") -> dict:
 
 
 def passes_per_step(cfg: dict) -> int:
+    second = any(technique.second_pass for technique in techniques_of(cfg))
+    return 2 if second else 1
+
+
+def member_cost(cfg: dict) -> float:
+    """A job's cost per pass of a training step, in members without regularization: 1 plus each of its techniques'
+    `step_cost` (dropout's per-member masks, mixup's per-member draws, ...)."""
+    return 1 + sum(technique.step_cost for technique in techniques_of(cfg))
+
+
+def techniques_of(cfg: dict) -> list:
     from reglab.regularizers import technique_classes
 
     techniques = technique_classes()
-    second = any(techniques[name].second_pass for name in cfg.get("regularizer") or {} if name in techniques)
-    return 2 if second else 1
+    return [techniques[name] for name in cfg.get("regularizer") or {} if name in techniques]
 
 
 def group_into_stacks(
@@ -83,8 +95,11 @@ def group_into_stacks(
     for idx, cfg in configs.items():
         groups.setdefault(json.dumps(shared_settings(cfg), sort_keys=True, default=str), []).append(idx)
     if processes > 1:
-        passes = [passes_per_step(configs[jobs[0]]) for jobs in groups.values()]
-        cut = shares_of_work(list(zip(groups.values(), passes, strict=True)), processes)
+        costs = [
+            Cost(passes_per_step(configs[jobs[0]]), statistics.fmean(member_cost(configs[j]) for j in jobs))
+            for jobs in groups.values()
+        ]
+        cut = shares_of_work(list(zip(groups.values(), costs, strict=True)), processes)
     else:
         cut = list(groups.values())
     stacks = [part for jobs in cut for part in split(jobs, math.ceil(len(jobs) / max_stack))]
@@ -98,39 +113,49 @@ def group_into_stacks(
     return stacks, reasons
 
 
-def shares_of_work(groups: list[tuple[list[int], int]], processes: int) -> list[list[int]]:
-    """Groups of jobs (with their passes per step) cut into stacks such that the processes, each taking the next
-    stack when it is free, get about equal work (`work`): `processes` of them, or fewer when there are fewer than
-    MIN_SPLIT jobs for each. The largest groups are cut first, never into a part below MIN_SPLIT jobs, each part's jobs spread
-    over the group so that it gets its share of every setting the group sweeps (a technique that costs more per
-    member, say). `make sweep` on 2 processes: 36 jobs of one pass and 3 SAM jobs of two become stacks of 23 jobs,
-    of 13, and SAM's 3 (work 25 + 25)."""
+@dataclass(frozen=True)
+class Cost:
+    """What a group's jobs cost: passes per training step, and a member's mean cost per pass (`member_cost`)."""
+
+    passes: int = 1
+    per_member: float = 1.0
+
+    def of(self, jobs: int) -> float:
+        """A stack of `jobs` of the group: its training time, in units of one plain member's share of a large
+        stack's step. STACK_OVERHEAD is the stack's own cost per pass, whatever its size."""
+        return self.passes * (jobs * self.per_member + STACK_OVERHEAD)
+
+    def jobs_within(self, work: float) -> int:
+        """How many of the group's jobs a stack may take to cost about `work`."""
+        return round((work / self.passes - STACK_OVERHEAD) / self.per_member)
+
+
+def shares_of_work(groups: list[tuple[list[int], Cost]], processes: int) -> list[list[int]]:
+    """Groups of jobs (with their `Cost`) cut into stacks such that the processes, each taking the next stack when it
+    is free, get about equal work: `processes` of them, or fewer when there are fewer than MIN_SPLIT jobs for each.
+    The costliest groups are cut first, never into a part below MIN_SPLIT jobs, each part's jobs spread over the
+    group so that it gets its share of every setting the group sweeps (of each technique in `make sweep`). `make
+    sweep` on 2 processes: 36 jobs of one pass (1.61 members each: dropout, mixup, ... cost more) and 3 SAM jobs of
+    two become stacks of 21 jobs, of 15, and SAM's 3 (work 35.8, and 26.2 + 10)."""
     jobs_in_all = sum(len(jobs) for jobs, _ in groups)
     processes = max(1, min(processes, jobs_in_all // MIN_SPLIT))
-    share = (
-        sum(work(len(jobs), passes) for jobs, passes in groups) + STACK_OVERHEAD * (processes - 1)
-    ) / processes
+    share = (sum(cost.of(len(jobs)) for jobs, cost in groups) + STACK_OVERHEAD * (processes - 1)) / processes
     room = share  # the work the process being filled may still take
     stacks = []
-    for jobs, passes in sorted(groups, key=lambda group: -work(len(group[0]), group[1])):
+    for jobs, cost in sorted(groups, key=lambda group: -group[1].of(len(group[0]))):
         while jobs:
-            fits = math.ceil(room / passes - STACK_OVERHEAD)
+            fits = cost.jobs_within(room)
             if processes > 1 and fits >= MIN_SPLIT and len(jobs) - fits >= MIN_SPLIT:
                 part, jobs = spread(jobs, fits)
                 stacks.append(part)  # this process is full; the rest of the group goes to the next
                 room = share
             else:
                 stacks.append(jobs)
-                room -= work(len(jobs), passes)
+                room -= cost.of(len(jobs))
                 jobs = []
-                if room < work(MIN_SPLIT, 1):
+                if room < Cost().of(MIN_SPLIT):
                     room = share
     return stacks
-
-
-def work(jobs: int, passes: int) -> int:
-    """A stack's training time, in units of one member's share of a large stack's step."""
-    return passes * (jobs + STACK_OVERHEAD)
 
 
 def spread(jobs: list[int], count: int) -> tuple[list[int], list[int]]:

@@ -56,6 +56,7 @@ class CutMix(BatchMixing):
     """A box from the previous sample of the batch pasted in, targets mixed by its area; λ ~ Beta(α, α)."""
 
     name = "cutmix"
+    step_cost = 1.4  # 24.7 ms a member and epoch against 10.4 without regularization
     seed_offset = 2_000_003
 
     @classmethod

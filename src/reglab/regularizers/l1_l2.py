@@ -217,6 +217,7 @@ class L2(WeightNormTechnique):
     """L2 / weight decay in three modes (see py for the math and the λ/2 convention)."""
 
     name = "l2"
+    step_cost = 0.2  # 12.9 ms a member and epoch against 10.4 without regularization
     keys = {
         "weight_decay": number(0),
         "mode": choice("penalty", "coupled", "decoupled"),
@@ -296,6 +297,7 @@ class L1(WeightNormTechnique):
     """L1: subgradient (λ·Σ|w| in the loss) or proximal (soft-threshold by lr·λ after each step: exact zeros)."""
 
     name = "l1"
+    step_cost = 0.3  # 13.3 ms a member and epoch against 10.4 without regularization
     keys = {
         "strength": number(0),
         "mode": choice("subgradient", "proximal"),

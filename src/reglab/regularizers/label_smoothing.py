@@ -103,6 +103,7 @@ class LabelSmoothing(Technique):
     """
 
     name = "label_smoothing"
+    step_cost = 0.4  # 14.7 ms a member and epoch against 10.4 without regularization
     keys = {"eps": number(0, 1), "variant": choice(*VARIANTS), "impl": IMPL}
     strength_key = "eps"
     order = 50

@@ -113,6 +113,7 @@ class Mixup(BatchMixing):
     """λ·x + (1-λ)·x[perm] and the same mix of the targets, λ ~ Beta(α, α) per batch and member."""
 
     name = "mixup"
+    step_cost = 1.3  # 23.5 ms a member and epoch against 10.4 without regularization
     seed_offset = 1_000_003
 
     def mix(self, x, q, alpha, impl):

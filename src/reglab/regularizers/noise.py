@@ -83,6 +83,7 @@ class Noise(Technique):
     """Gaussian noise layers on the input (`input_sigma`) and after the hidden activations (`hidden_sigma`)."""
 
     name = "noise"
+    step_cost = 0.2  # 12.4 ms a member and epoch against 10.4 without regularization
     keys = {"input_sigma": number(0), "hidden_sigma": number(0), "mode": choice(*MODES)}
     strength_key = "input_sigma"
     order = 35

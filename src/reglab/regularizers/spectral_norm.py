@@ -56,6 +56,7 @@ def sigma(matrix: Tensor, u: Tensor, v: Tensor) -> Tensor:
 
 class SpectralNorm(Technique):
     name = "spectral_norm"
+    step_cost = 1.7  # 28.1 ms a member and epoch against 10.4 without regularization
     keys = {
         "coefficient": number(0, lo_open=True),  # c: each layer's spectral norm (Lipschitz constant)
         "power_iterations": integer(1),  # per training step

@@ -198,6 +198,7 @@ class EMA(WeightAverage):
     """An exponential moving average of the weights, updated after every optimizer step."""
 
     name = "ema"
+    step_cost = 0.4  # 14.4 ms a member and epoch against 10.4 without regularization
     keys = {"decay": number(0, 1, hi_open=True), "impl": IMPL}
     strength_key = "decay"
 
