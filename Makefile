@@ -67,7 +67,7 @@ format: $(STAMP) ## ruff format and autofix
 bench: $(STAMP) ## speed and memory benchmark; writes docs/performance.md
 	$(PY) benchmarks/bench.py $(ARGS)
 
-bench-sweeps: $(STAMP) ## whole sweeps: stacked vs basic and joblib launchers (~20 min); writes docs/performance.md
+bench-sweeps: $(STAMP) ## whole sweeps: stacked vs basic and joblib launchers (~30 min); writes docs/performance.md
 	$(PY) benchmarks/stacked_sweeps.py $(ARGS)
 
 reproduce: $(STAMP) ## run every experiment preset (3 seeds each) and write docs/results.md and the README table (~30-50 min)

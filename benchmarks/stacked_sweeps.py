@@ -2,8 +2,8 @@
 
 Each sweep is one `python train.py -m ...` process, timed start to exit (the sweep report included); peak memory is
 that of all the sweep's processes together (private pages of each, shared library pages once: bench.TreeMemory,
-sampled every 0.1 s). This machine's speed drifts over minutes (the same `make sweep` took 112 s, then 144 s half
-an hour later), so stacked runs bracket every baseline run (stacked, basic, stacked, joblib, stacked) and each
+sampled every 0.1 s). This machine's speed drifts over minutes (the same `make sweep` took 112 s, then 144 s 42
+minutes later), so stacked runs bracket every baseline run (stacked, basic, stacked, joblib, stacked) and each
 baseline is compared with the mean of the two stacked runs around it: a drift that is steady over the pair weighs
 on both sides alike. The workloads and targets are those of issue 10 ("Train a whole sweep as one batched model"):
 
@@ -14,7 +14,7 @@ on both sides alike. The workloads and targets are those of issue 10 ("Train a w
   4. a 12-job model=cnn1d grid (2 weight decays x 6 seeds, 50 epochs): basic vs stacked
   5. peak resident memory of the 48-job stack
 
-    python benchmarks/stacked_sweeps.py            # ~20 minutes on 2 cores; rewrites its block of docs/performance.md
+    python benchmarks/stacked_sweeps.py            # ~30 minutes on 2 cores; rewrites its block of docs/performance.md
     python benchmarks/stacked_sweeps.py --smoke    # tiny sizes, about a minute, writes nothing
     python benchmarks/stacked_sweeps.py --only cnn1d   # one workload (by a word of its name), writes nothing
     python benchmarks/stacked_sweeps.py --device cuda --jobs 256 --basic-jobs 16 --no-write-docs   # on a GPU

@@ -239,8 +239,8 @@ def test_a_stack_on_several_threads_sums_as_its_lone_runs_do(tmp_path, data_root
 
 @pytest.mark.parametrize("model", ["mlp", "cnn1d", "resmlp"])
 def test_evaluation_computes_what_training_computes(model):
-    """Without autograd a stacked layer takes a faster path (bmm, then the bias added in place; ReLU in place): its
-    logits must be exactly those of the forward pass that training takes."""
+    """Evaluation runs without autograd, ReLU in place: its logits must be exactly those of the forward pass that
+    training takes, for inputs as wide as MNIST's (a matmul over 784 inputs)."""
     from reglab.models import Architecture, build_model
     from reglab.regularizers.dropout import DropoutPlan
 
@@ -249,11 +249,34 @@ def test_evaluation_computes_what_training_computes(model):
         "cnn1d": {"channels": [8, 16], "kernel_size": [5, 3], "hidden": [32]},
         "resmlp": {"width": 32, "blocks": 2, "hidden": []},
     }
-    arch = Architecture(input_shape=(1, 40), num_classes=10, seeds=[0, 1, 2], dropout=[DropoutPlan()] * 3)
+    length = 784 if model != "cnn1d" else 40
+    arch = Architecture(input_shape=(1, length), num_classes=10, seeds=[0, 1, 2], dropout=[DropoutPlan()] * 3)
     stack = build_model({"name": model, "activation": "relu", **cfg[model]}, arch).eval()
-    x = torch.randn(3, 3200, 1, 40, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 3200, 1, length, generator=torch.Generator().manual_seed(0))
     with torch.enable_grad():
         training = stack(x)
     with torch.inference_mode():
         evaluation = stack(x)
     assert training.requires_grad and torch.equal(training.detach(), evaluation)
+
+
+def test_members_scored_a_few_at_a_time_score_as_all_at_once(monkeypatch):
+    """`evaluate` scores as many members per call as keep its temporaries small: on a large split, a few at a time.
+    How many must not change a number."""
+    from reglab import loop
+    from reglab.models import Architecture, build_model
+    from reglab.regularizers.dropout import DropoutPlan
+
+    arch = Architecture(
+        input_shape=(1, 40), num_classes=10, seeds=[0, 1, 2, 3, 4], dropout=[DropoutPlan()] * 5
+    )
+    stack = build_model({"name": "mlp", "activation": "relu", "hidden": [32]}, arch)
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(500, 1, 40, generator=generator), torch.randint(10, (5, 500), generator=generator)
+    together = loop.evaluate(stack, x, y, batch_size=256)
+    monkeypatch.setattr(loop, "SCORED_AT_ONCE", 2 * 500)  # two members a call: parts of 2, 2 and 1
+    apart = loop.evaluate(stack, x, y, batch_size=256)
+    assert len(apart) == 5
+    assert [{k: v.item() for k, v in m.items()} for m in apart] == [
+        {k: v.item() for k, v in m.items()} for m in together
+    ]

@@ -330,7 +330,7 @@ def test_stacks_side_by_side_share_the_work_with_two_passes_counted_twice(data_r
 
     jobs = {i: config(data_root, f"trainer.seed={i}") for i in range(12)}
     jobs.update({i: config(data_root, "regularizer=sam", f"trainer.seed={i}") for i in range(12, 15)})
-    # (12 + 2) + 2 x (3 + 2) = 24 units of work (stacking.work): the 12 plain jobs are 14 of it, the SAM jobs 10,
+    # (12 + 2) + 2 x (3 + 2) = 24 units of work (stacking.Cost.of): the 12 plain jobs are 14 of it, the SAM jobs 10,
     # and cutting 11 jobs off the 12 would leave a part below MIN_SPLIT
     assert group_into_stacks(jobs, 64, processes=2)[0] == [list(range(12)), [12, 13, 14]]
     jobs.update({i: config(data_root, f"trainer.seed={i}") for i in range(15, 24)})  # 21 plain jobs now

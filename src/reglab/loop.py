@@ -636,14 +636,22 @@ def predict_all(model: nn.Module, x: Tensor, batch_size: int, members: int) -> T
     )
 
 
+SCORED_AT_ONCE = 2**19  # samples x members scored in one call by `evaluate`
+
+
 def evaluate(model, x: Tensor, y: Tensor, batch_size: int) -> list[dict[str, Tensor]]:
     """Per member: loss (= nll), acc, ece, confidence as 0-d tensors, no host sync. y is [K, N]."""
     logits = predict_all(model, x, batch_size, len(y))
+    # as many members at once as keep the scores' temporaries small (a one-hot [members, N, 15] of int64 for the
+    # calibration bins): all of them on MNIST-1D, a few at a time on a 60000-sample training split
+    step = max(1, SCORED_AT_ONCE // logits.shape[1])
     # a sum of over 32768 numbers is split between threads, with other rounding: a member's metrics are taken on one
     # thread, as in its lone run (trainer.threads=auto gives a stack more)
     with diagnostics.one_thread():
-        metrics = scores(logits, y)  # all members at once, each [K]
-    return [{name: value[k] for name, value in metrics.items()} for k in range(len(y))]
+        parts = [
+            scores(logits[first : first + step], y[first : first + step]) for first in range(0, len(y), step)
+        ]
+    return [{name: part[name][k] for name in part} for part in parts for k in range(len(part["loss"]))]
 
 
 @torch.inference_mode()

@@ -60,17 +60,6 @@ def effective_weight(layer: nn.Module) -> Tensor:
     return layer.weight if layer.weight_transform is None else layer.weight_transform(layer.weight)
 
 
-def affine(x: Tensor, weight_t: Tensor, bias: Tensor) -> Tensor:
-    """x_k W_kᵀ + b_k for every member k: x [K, N, in], weight_t [K, in, out], bias [K, out].
-
-    With autograd, one `baddbmm`. Without (evaluation), a `bmm` and the bias added in place: the same numbers (the
-    tests compare them), ~25% faster on evaluation-sized inputs here, where baddbmm first copies the broadcast bias
-    into its output."""
-    if torch.is_grad_enabled():
-        return torch.baddbmm(bias.unsqueeze(1), x, weight_t)
-    return torch.bmm(x, weight_t).add_(bias.unsqueeze(1))
-
-
 class StackedLinear(nn.Module):
     """K dense layers: x [K, B, in] -> [K, B, out], y_k = x_k W_kᵀ + b_k."""
 
@@ -81,7 +70,7 @@ class StackedLinear(nn.Module):
         self.weight, self.bias = _stacked_uniform((out_features, in_features), in_features, generators)
 
     def forward(self, x: Tensor) -> Tensor:
-        return affine(x, effective_weight(self).transpose(1, 2), self.bias)
+        return torch.baddbmm(self.bias.unsqueeze(1), x, effective_weight(self).transpose(1, 2))
 
 
 class StackedConv(nn.Module):
@@ -105,7 +94,7 @@ class StackedConv(nn.Module):
         patches, out_size = self._patches(x.flatten(0, 1))  # [K·B, positions, C·k…]
         patches = patches.reshape(members, -1, patches.shape[-1])  # [K, B·positions, C·k…]
         weight = effective_weight(self).flatten(2)  # [K, out, C·k…]
-        out = affine(patches, weight.transpose(1, 2), self.bias)  # [K, B·positions, out]
+        out = torch.baddbmm(self.bias.unsqueeze(1), patches, weight.transpose(1, 2))  # [K, B·positions, out]
         return (
             out.view(members, batch, -1, weight.shape[1])
             .transpose(2, 3)

@@ -74,7 +74,7 @@ def passes_per_step(cfg: dict) -> int:
 
 def member_cost(cfg: dict) -> float:
     """A job's cost per pass of a training step, in members without regularization: 1 plus each of its techniques'
-    `step_cost` (dropout's per-member masks, mixup's per-member draws, ...)."""
+    `step_cost` (dropout's per-member masks, mixup's per-member draws, ...), whatever the technique's strength."""
     return 1 + sum(technique.step_cost for technique in techniques_of(cfg))
 
 
@@ -127,7 +127,7 @@ class Cost:
 
     def jobs_within(self, work: float) -> int:
         """How many of the group's jobs a stack may take to cost about `work`."""
-        return round((work / self.passes - STACK_OVERHEAD) / self.per_member)
+        return math.floor((work / self.passes - STACK_OVERHEAD) / self.per_member + 0.5)  # halves up
 
 
 def shares_of_work(groups: list[tuple[list[int], Cost]], processes: int) -> list[list[int]]:
@@ -135,8 +135,8 @@ def shares_of_work(groups: list[tuple[list[int], Cost]], processes: int) -> list
     is free, get about equal work: `processes` of them, or fewer when there are fewer than MIN_SPLIT jobs for each.
     The costliest groups are cut first, never into a part below MIN_SPLIT jobs, each part's jobs spread over the
     group so that it gets its share of every setting the group sweeps (of each technique in `make sweep`). `make
-    sweep` on 2 processes: 36 jobs of one pass (1.61 members each: dropout, mixup, ... cost more) and 3 SAM jobs of
-    two become stacks of 21 jobs, of 15, and SAM's 3 (work 35.8, and 26.2 + 10)."""
+    sweep` on 2 processes: 36 jobs of one pass (1.6 members each: dropout, mixup, ... cost more) and 3 SAM jobs of
+    two become stacks of 21 jobs, of 15, and SAM's 3 (work 35.6, and 26.0 + 10, against a share of 35.8)."""
     jobs_in_all = sum(len(jobs) for jobs, _ in groups)
     processes = max(1, min(processes, jobs_in_all // MIN_SPLIT))
     share = (sum(cost.of(len(jobs)) for jobs, cost in groups) + STACK_OVERHEAD * (processes - 1)) / processes

@@ -72,8 +72,10 @@ class Technique:
     # True when the technique uses `refine_gradients`: the loop then keeps each batch's dropout noise for a replay
     second_pass: ClassVar[bool] = False
     # A scheduling hint: what this technique adds to a member's cost per training step, in units of a member without
-    # regularization (measured as the epoch time of a 10-member stack less a 2-member one, MLP on MNIST-1D, CPU). The
-    # stacked launcher balances its processes with it (stacking.shares_of_work); a wrong value costs balance only.
+    # regularization (measured as the epoch time of a 10-member stack less a 2-member one, MLP on MNIST-1D, CPU; 0
+    # where that added nothing measurable, or where it was not measured: stochastic depth needs a residual model, SAM's
+    # second pass is counted as one). The stacked launcher balances its processes with it (stacking.shares_of_work);
+    # a wrong value costs balance only.
     step_cost: ClassVar[float] = 0.0
 
     @classmethod
