@@ -59,9 +59,9 @@ def table_rows(text: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
 
 
-def load_bench():
-    """benchmarks/ is not a package: import bench.py from its path."""
-    spec = importlib.util.spec_from_file_location("reglab_bench", BENCH)
+def load_bench(path: Path = BENCH, name: str = "reglab_bench"):
+    """benchmarks/ is not a package: import a benchmark (bench.py by default) from its path."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
@@ -174,3 +174,26 @@ def test_the_paper_cnn_protocol_script_runs(data_root):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=True)
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(line["runs"]) == 2 and 0.0 <= line["final"] <= line["peak"] <= 100.0
+
+
+def test_sweep_benchmark_brackets_every_baseline_between_stacked_runs():
+    """`make bench-sweeps` runs stacked, basic, stacked, joblib, stacked, and compares each baseline with the mean of
+    the two stacked runs around it (the machine's speed drifts over minutes)."""
+    sweeps = load_bench(
+        ROOT / "benchmarks" / "stacked_sweeps.py", "reglab_stacked_sweeps"
+    )  # imports bench itself
+
+    launchers = ("basic", "joblib", "stacked")
+    assert sweeps.bracketed(launchers) == ["stacked", "basic", "stacked", "joblib", "stacked"]
+    workload = sweeps.Workload("grid", [], 48, launchers, {"basic": 1 / 5, "joblib": 1 / 2.5})
+
+    def run(wall_s, jobs=48):
+        finished = sweeps.bench.Finished(wall_s=wall_s, peak_rss_mb=0.0, stdout="")
+        finished.jobs = jobs
+        return finished
+
+    times = {"basic": run(100.0, jobs=16), "joblib": run(200.0)}
+    basic, joblib = sweeps.rows_for(workload, times, [run(80.0), run(100.0), run(120.0)])
+    assert basic.a == "300.0 s" and basic.b.startswith("90.0 s (80.0 / 100.0)")  # 16 jobs scaled to 48
+    assert joblib.a == "200.0 s" and joblib.b.startswith("110.0 s (100.0 / 120.0)")
+    assert basic.result == "FAIL" and joblib.result == "FAIL"  # 0.30x > 0.20x; 0.55x > 0.40x
