@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,22 @@ def test_the_requeue_signal_wins_and_a_second_ctrl_c_stops_at_once():
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_stop_that_came_while_blocked_reaches_the_handlers_once_they_are_in_place():
+    # a stack's process blocks the stop signals until it trains: one sent in between must not be lost
+    state = State()
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # should it stay pending, it must not end pytest
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        # to this thread: sent to the process, it would go to another thread of pytest's, which does not block it
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        assert signal.SIGTERM in signal.sigpending() and state.stop_requested is None
+        with stop_on_signals(state):
+            assert state.stop_requested == "SIGTERM"
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.signal(signal.SIGTERM, before)
 
 
 class Launcher:

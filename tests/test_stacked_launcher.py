@@ -109,6 +109,28 @@ def stack_processes(pid: int) -> list[int]:
     return [c for c in children if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
 
 
+def blocked_signals(pid: int) -> int:
+    """The signal mask of a process's main thread, as /proc shows it (bit n-1 for signal n)."""
+    line = next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigBlk:"))
+    return int(line.split()[1], 16)
+
+
+def test_a_stop_before_a_stack_process_trains_is_kept_until_its_stack_arrives():
+    from reglab.stacking import start_stack_processes
+
+    [(process, pipe)] = start_stack_processes(1)
+    deadline = time.monotonic() + 120
+    while not blocked_signals(process.pid) & (1 << (signal.SIGTERM - 1)):  # it waits for a stack now
+        assert time.monotonic() < deadline and process.is_alive()
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGTERM)  # the launcher passes a stop on, just before handing the stack over
+    time.sleep(0.2)
+    assert process.is_alive()  # kept pending, not acted on (its default action would have ended the process)
+    pipe.send((0, [], "unused", 1))
+    process.join(timeout=60)
+    assert process.exitcode == 128 + signal.SIGTERM  # stopped before training: nothing to checkpoint
+
+
 def test_a_stack_whose_process_dies_fails_its_own_jobs_and_no_others(tmp_path, data_root):
     sweep = tmp_path / "sweep"
     args = [

@@ -73,6 +73,8 @@ def stop_on_signals(state):
         # only the main thread may set handlers (a launcher may run jobs in other threads): skip them there
         with contextlib.suppress(ValueError):
             previous[sig] = signal.signal(sig, request_stop)
+    # one that came while they were blocked (a stack's process blocks them until it trains) arrives now, here
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, previous)
     try:
         yield
     finally:

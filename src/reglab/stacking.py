@@ -337,9 +337,11 @@ def stack_process(pipe: Connection) -> None:
     that a terminal's Ctrl-C reaches it once, passed on by the launcher, and not a second time directly (a second
     Ctrl-C stops a stack at once)."""
     os.setpgid(0, 0)
-    early = []  # a stop before the stack trains: nothing to checkpoint, its jobs start afresh on resume
-    for sig in stop_codes():
-        signal.signal(sig - 128, lambda signum, frame: early.append(signum))
+    # a stop signal stays pending until the stack is received (then this process exits: nothing to checkpoint, its
+    # jobs start afresh on resume) or, once it trains, until `stop_on_signals` has its handlers in place (then the
+    # stack checkpoints after its first epoch); a handler of our own here would lose one that came in between
+    stops = {sig - 128 for sig in stop_codes()}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     stop_with_launcher()
     import gc
 
@@ -352,8 +354,8 @@ def stack_process(pipe: Connection) -> None:
         number, jobs, sweep_dir, cores = pipe.recv()
     except EOFError:  # no stack for this one
         return
-    if early:
-        raise SystemExit(128 + early[0])
+    if pending := stops & signal.sigpending():
+        raise SystemExit(128 + min(pending))
     members = {}
     for idx, cfg, run_dir, job in jobs:
         job.cores, job.parallel = cores, True
