@@ -327,3 +327,38 @@ def test_prediction_metrics_of_stacked_models_equal_each_model_alone_exactly(mod
         assert {name: stacked[name][k].item() for name in alone} == {
             name: v.item() for name, v in alone.items()
         }
+
+
+PLOTTER_OWNER = """
+import os, time
+from reglab.diagnostics import Plotter
+
+plotter = Plotter(workers=2)
+print(plotter.draw(os.getpid).result(), flush=True)  # a drawing process's id
+time.sleep(300)
+"""
+
+
+def test_drawing_processes_end_with_the_process_that_owns_them():
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    owner = subprocess.Popen(
+        [sys.executable, "-c", PLOTTER_OWNER], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        worker = int(owner.stdout.readline())
+        os.kill(owner.pid, signal.SIGKILL)  # as the out-of-memory killer would: no clean-up of its pool
+        owner.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{worker}") and open(f"/proc/{worker}/stat").read().split()[2] != "Z":
+            assert time.monotonic() < deadline, "the drawing process outlived its owner"
+            time.sleep(0.1)
+    finally:
+        owner.kill()

@@ -131,6 +131,50 @@ def test_a_stop_before_a_stack_process_trains_is_kept_until_its_stack_arrives():
     assert process.exitcode == 128 + signal.SIGTERM  # stopped before training: nothing to checkpoint
 
 
+AFTER_TRAINING_STOP = """
+import os, signal, sys
+from pathlib import Path
+from reglab import tracking
+from reglab.loop import Job, Member, train_stack
+from reglab.stacking import hold_stop_signals
+from tests.test_loop import config
+
+hold_stop_signals()  # as a stack's process does
+finished, original = [], tracking.RunRecord.finish
+
+def finish(self, failed=False):  # W&B's run.finish() (seconds online) stands here
+    if not finished:
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher passes a stop on, after the stack has trained
+    original(self, failed)
+    finished.append(self.run_dir.name)
+
+tracking.RunRecord.finish = finish
+root, data_root = Path(sys.argv[1]), sys.argv[2]
+members = []
+for k in range(2):
+    (root / str(k)).mkdir(parents=True)
+    cfg = config(data_root, "trainer.epochs=2", "dataset.n_train=300", f"trainer.seed={k}")
+    members.append(Member(cfg=cfg, run_dir=root / str(k), job=Job(multirun=True, parallel=True)))
+train_stack(members)
+print("finished:", sorted(finished))
+"""
+
+
+def test_a_stop_after_a_stack_process_trained_does_not_cut_its_records_short(tmp_path, data_root):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "WANDB_MODE": "disabled"}
+    result = subprocess.run(
+        [sys.executable, "-c", AFTER_TRAINING_STOP, str(tmp_path), str(data_root)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "finished: ['0', '1']" in result.stdout
+    assert all(read_summary(tmp_path / k)["status"] == "completed" for k in ("0", "1"))
+
+
 def test_a_stack_whose_process_dies_fails_its_own_jobs_and_no_others(tmp_path, data_root):
     sweep = tmp_path / "sweep"
     args = [

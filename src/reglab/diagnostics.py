@@ -510,10 +510,13 @@ class Drawing:
 def _plot_worker() -> None:
     """A drawing process leaves Ctrl-C, SIGTERM and the cluster's requeue signal to the training process (which
     finishes or checkpoints its runs, figures included) and takes one thread: the stack's process has the cores."""
-    from reglab.preemption import requeue_signal
+    from reglab.preemption import requeue_signal, signal_when_parent_dies
 
     for sig in (signal.SIGINT, signal.SIGTERM, requeue_signal()):
         signal.signal(sig, signal.SIG_IGN)
+    signal_when_parent_dies(
+        signal.SIGKILL
+    )  # the pool's owner died (out of memory, killed): nothing to draw for
     torch.set_num_threads(1)
 
 

@@ -51,6 +51,22 @@ def requeue_signal() -> signal.Signals:
     return getattr(signal, f"SIG{name}", signal.SIGUSR2)
 
 
+def signal_when_parent_dies(sig: int) -> None:
+    """Linux: `sig` to this process when the process that started it dies (killed, crashed): a stack's process then
+    checkpoints and stops instead of training on unsupervised, a drawing process ends instead of waiting forever."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, sig)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # it died before the request was made
+        os.kill(os.getpid(), sig)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 @contextlib.contextmanager
 def stop_on_signals(state):
     """While the block runs, SIGTERM, SIGINT and submitit's requeue signal set `state.stop_requested` (the loop

@@ -332,17 +332,29 @@ def hand_over(idle: list, stack: tuple) -> multiprocessing.Process:
         return process
 
 
+def hold_stop_signals() -> set[int]:
+    """A stack process's stop signals, blocked: each stays pending until the stack is received (then the process
+    exits: nothing to checkpoint, its jobs start afresh on resume) or, once it trains, until `stop_on_signals` has
+    its handlers in place and unblocks it (then the stack checkpoints after its first epoch): none is lost."""
+    stops = {sig - 128 for sig in stop_codes()}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    for sig in stops:
+        # what `stop_on_signals` puts back once the stack has trained: a stop then (every member written, W&B runs
+        # and figures being finished) is ignored instead of ending the process. A handler, not SIG_IGN: under
+        # SIG_IGN a blocked signal is discarded, not kept pending.
+        signal.signal(sig, lambda signum, frame: None)
+    return stops
+
+
 def stack_process(pipe: Connection) -> None:
     """The body of a stack's process: load, wait for a stack, train it. It runs in a process group of its own, so
     that a terminal's Ctrl-C reaches it once, passed on by the launcher, and not a second time directly (a second
     Ctrl-C stops a stack at once)."""
+    from reglab.preemption import signal_when_parent_dies
+
     os.setpgid(0, 0)
-    # a stop signal stays pending until the stack is received (then this process exits: nothing to checkpoint, its
-    # jobs start afresh on resume) or, once it trains, until `stop_on_signals` has its handlers in place (then the
-    # stack checkpoints after its first epoch); a handler of our own here would lose one that came in between
-    stops = {sig - 128 for sig in stop_codes()}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
-    stop_with_launcher()
+    stops = hold_stop_signals()
+    signal_when_parent_dies(signal.SIGTERM)
     import gc
 
     import torch._dynamo  # noqa: F401  (the optimizer's first step imports it, ~1.7 s: now, while waiting)
@@ -363,22 +375,6 @@ def stack_process(pipe: Connection) -> None:
     gc.collect()
     gc.freeze()  # as `cli.train_members` does: torch's long-lived objects out of the collector's sight
     train_one_stack(number, members, sweep_dir)
-
-
-def stop_with_launcher() -> None:
-    """Linux: SIGTERM to this process when the launcher's process dies (killed, crashed), so that the stack
-    checkpoints and stops instead of training on unsupervised."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # it died before the request was made
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-PR_SET_PDEATHSIG = 1
 
 
 @contextlib.contextmanager
