@@ -146,6 +146,42 @@ def test_sigterm_and_signals_outside_submitit_exit_with_128_plus_the_signal(tmp_
     assert not (tmp_path / "summary.json").exists()
 
 
+def stop_in_the_last_epoch(monkeypatch, signum, epochs: int) -> None:
+    """The signal arrives while the last epoch is measured, after which the run finishes (records complete)."""
+    from reglab import loop
+
+    original = loop.end_of_training
+
+    def end_of_training(k, m, row, model, regs, last):
+        if m.epoch == epochs:
+            os.kill(os.getpid(), signum)
+        return original(k, m, row, model, regs, last)
+
+    monkeypatch.setattr(loop, "end_of_training", end_of_training)
+
+
+def test_a_stop_as_the_run_finishes_leaves_its_records_alone(tmp_path, data_root, submitit_job, monkeypatch):
+    from reglab.loop import Job, train
+    from tests.test_loop import config
+
+    env = submitit_job(
+        timeouts_left=0
+    )  # were it requeued, submitit would refuse and the run be "interrupted"
+    stop_in_the_last_epoch(monkeypatch, signal.SIGUSR2, epochs=2)
+    cfg = config(data_root, "trainer.epochs=2", "dataset.n_train=300")
+    with pytest.raises(Interrupted) as stopped:
+        train(cfg, tmp_path, Job(multirun=True))
+    assert stopped.value.finished
+    objective = after_interrupt(stopped.value, tmp_path, ["trainer.epochs=2"], "")
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "completed" and "test/acc" in summary and env.requeued_with is None
+    assert objective == summary["val/loss"] and not (tmp_path / preemption.REQUEUE_MARKER).exists()
+    # outside submitit the process stops (a sweep in it starts nothing more) and the records stay as they are
+    with pytest.raises(SystemExit) as exit_info:
+        after_interrupt(Interrupted("SIGTERM", 2, finished=True), tmp_path, [], "")
+    assert exit_info.value.code == 128 + signal.SIGTERM and read_summary(tmp_path) == summary
+
+
 @pytest.mark.parametrize(
     ("restarts", "marker", "given", "expected"),
     [

@@ -481,3 +481,18 @@ def test_a_drawing_process_that_dies_costs_time_not_figures():
         assert plotter.draw(draw_or_die, 3).result() == 3 and plotter.pool is None  # and from now on
     finally:
         plotter.close()
+
+
+def test_stacks_trained_one_after_another_count_each_jobs_time_from_its_own_stack(tmp_path, data_root):
+    from reglab.cli import train_members
+
+    members = {}
+    for k in range(2):
+        (tmp_path / str(k)).mkdir()
+        cfg = config(data_root, "trainer.epochs=2", "dataset.n_train=300", f"trainer.seed={k}")
+        members[k] = Member(cfg=cfg, run_dir=tmp_path / str(k), job=Job(multirun=True))
+        members[k].started -= 1000  # composed long before (as the sweep's other jobs trained)
+    train_members(members, max_stack=1, sweep_dir=str(tmp_path), processes=1)
+    for k in range(2):
+        assert read_summary(tmp_path / str(k))["wall_time_s"] < 100
+        assert read_metrics(tmp_path / str(k))[0]["time_s"] < 100

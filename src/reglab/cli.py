@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import atexit
 import gc
+import math
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -103,14 +105,16 @@ def train_members(
     gc.freeze()
     objectives = {}
     for number, jobs in enumerate(stacks):
+        for idx in jobs:  # its clock starts with its stack, not when the sweep was composed
+            members[idx].started = time.perf_counter()
         objectives.update(train_one_stack(number, {idx: members[idx] for idx in jobs}, sweep_dir))
     return objectives
 
 
 def train_one_stack(number: int, members: dict, sweep_dir: str) -> dict[int, float]:
     """Train one stack (job number -> Member) and print a line per job; returns each job's objective."""
-    from reglab.loop import train_stack
-    from reglab.preemption import after_stack_interrupt
+    from reglab.loop import objective, train_stack
+    from reglab.preemption import after_finished_runs, after_stack_interrupt
 
     jobs = list(members)
     print(f"[reglab] stack {number}: {len(jobs)} jobs ({', '.join(map(str, jobs))}) training", flush=True)
@@ -124,8 +128,11 @@ def train_one_stack(number: int, members: dict, sweep_dir: str) -> dict[int, flo
                 record_bad_input(member.run_dir, err, member.job.overrides)
         return dict.fromkeys(jobs, float("nan"))
     except Interrupted as stop:
-        unfinished = [m for m in members.values() if m.summary is None]
-        return after_stack_interrupt(stop, unfinished, f"-m hydra.sweep.dir={sweep_dir}")
+        if not stop.finished:
+            unfinished = [m for m in members.values() if m.summary is None]
+            return after_stack_interrupt(stop, unfinished, f"-m hydra.sweep.dir={sweep_dir}")
+        after_finished_runs(stop)  # exits, unless submitit's requeue signal came: then the job is simply done
+        results = [objective(m.summary) if m.summary else math.nan for m in members.values()]
     for idx, member in members.items():
         print_job_line(idx, member)
     return dict(zip(jobs, results, strict=True))

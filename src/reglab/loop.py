@@ -426,7 +426,7 @@ def fit(model, data: DataSplits, optimizer, regs: Regularization, stack: Stack):
             checkpoint.save_stack(stack, model, optimizer, regs)
     progress.close()
     if stack.stop_requested:  # it came while the last members finished: stop before anything else starts
-        raise Interrupted(stack.stop_requested, max(m.epoch for m in stack.members))
+        raise Interrupted(stack.stop_requested, max(m.epoch for m in stack.members), finished=True)
 
 
 def end_of_training(k: int, m: Member, row: dict, model, regs: Regularization, epochs: int) -> bool:

@@ -38,11 +38,12 @@ REQUEUE_MARKER = "requeued.txt"  # in the run directory: "resume at the next sta
 
 
 class Interrupted(Exception):
-    """A stop signal arrived and a resumable checkpoint was written after `epoch` epochs."""
+    """A stop signal arrived and a resumable checkpoint was written after `epoch` epochs; or, `finished`, it came
+    as the last runs finished: their records are complete and there is nothing to checkpoint or resume."""
 
-    def __init__(self, signal_name: str, epoch: int = 0):
+    def __init__(self, signal_name: str, epoch: int = 0, finished: bool = False):
         super().__init__(signal_name)
-        self.signal_name, self.epoch = signal_name, epoch
+        self.signal_name, self.epoch, self.finished = signal_name, epoch, finished
 
 
 def requeue_signal() -> signal.Signals:
@@ -102,8 +103,25 @@ def stop_on_signals(state):
 # After the checkpoint
 
 
+def after_finished_runs(stop: Interrupted) -> None:
+    """A stop that came as the last runs finished (`stop.finished`): nothing to requeue, no record to touch. Under
+    submitit's requeue signal the job ends as done (this returns); otherwise the process exits with 128 + signal,
+    so that a sweep in this process starts no further job."""
+    if submitit_handler(signal.Signals[stop.signal_name]) is None:
+        print(
+            f"[reglab] {stop.signal_name}: the run(s) had finished; stopped before anything else", flush=True
+        )
+        raise SystemExit(128 + signal.Signals[stop.signal_name])
+
+
 def after_interrupt(stop: Interrupted, run_dir: Path, overrides: list[str], resume_hint: str) -> float:
-    """Requeue through submitit, or record the job as interrupted (returns NaN), or exit with 128 + signal."""
+    """Requeue through submitit, or record the job as interrupted (returns NaN), or exit with 128 + signal; for a
+    run that had finished, `after_finished_runs` (returns its objective)."""
+    if stop.finished:
+        from reglab.stacking import objective_on_disk
+
+        after_finished_runs(stop)
+        return objective_on_disk(run_dir)
     signum = signal.Signals[stop.signal_name]
     handler = submitit_handler(signum)
     if handler is not None:
@@ -136,6 +154,12 @@ def after_stack_interrupt(stop: Interrupted, members: list, resume_hint: str) ->
                 member.job.overrides,
             )
         return {}
+    except Exception as err:  # scontrol failed: as `hand_to_submitit`, no requeue marker left behind
+        for member in members:
+            (member.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
+        print(
+            f"[reglab] submitit could not requeue this stack ({type(err).__name__}: {err}); checkpoints written"
+        )
     raise SystemExit(128 + signum)  # submitit left the requeue to another task of the job
 
 

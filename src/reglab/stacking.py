@@ -270,8 +270,11 @@ def train_in_processes(
                 jobs = [
                     (idx, members[idx].cfg, members[idx].run_dir, members[idx].job) for idx in stacks[number]
                 ]
+                # the jobs its process will skip (`loop.already_finished`): without resume it trains them again
                 finished = {
-                    idx for idx in stacks[number] if finished_summary(members[idx].run_dir) is not None
+                    idx
+                    for idx in stacks[number]
+                    if members[idx].cfg["trainer"]["resume"] and finished_summary(members[idx].run_dir)
                 }
                 process = hand_over(idle, (number, jobs, sweep_dir, cores))
                 running[process.sentinel] = (process, number, time.time(), finished)
