@@ -145,6 +145,36 @@ def test_rerunning_a_sweep_with_resume_skips_finished_jobs(tmp_path, data_root):
     assert read_summary(jobs[2])["status"] == "completed"
 
 
+def test_resuming_a_sweep_with_another_grid_skips_only_its_own_finished_jobs(tmp_path, data_root):
+    sweep = tmp_path / "sweep"
+    run_train(["-m", *QUICK, *TINY, "trainer.seed=0,1", f"hydra.sweep.dir={sweep}"], tmp_path, data_root)
+    # the same directories, other jobs (and a logger setting, which does not change what a job trains)
+    args = ["-m", *QUICK, *TINY, "trainer.seed=1,5", "logger=none", "trainer.resume=true"]
+    result = run_train([*args, f"hydra.sweep.dir={sweep}"], tmp_path, data_root)
+    assert result.stdout.count("already finished") == 0  # job 0 is now seed 1, job 1 seed 5
+    assert result.stdout.count("held another job's run") == 2
+    assert [read_summary(job)["seed"] for job in job_dirs(sweep)] == [1, 5]
+    result = run_train([*args, f"hydra.sweep.dir={sweep}"], tmp_path, data_root)
+    assert result.stdout.count("already finished") == 2
+
+
+def test_a_checkpoint_of_another_job_is_not_resumed(tmp_path):
+    from reglab.errors import CheckpointError
+    from reglab.loop import Job, Member
+
+    member = Member(
+        cfg={"trainer": {"resume": True}}, run_dir=tmp_path, job=Job(overrides=["trainer.seed=1"])
+    )
+    checkpoint.write_atomic(
+        tmp_path / checkpoint.FILENAME,
+        lambda f: torch.save({"format": checkpoint.FORMAT, "epoch": 3, "overrides": ["trainer.seed=0"]}, f),
+    )
+    with pytest.raises(CheckpointError, match="checkpoint of another job .trainer.seed=0."):
+        checkpoint.load_for_resume(member)
+    member.job.overrides = ["trainer.seed=0", "trainer.resume=true", "logger=none"]  # the same job
+    assert checkpoint.load_for_resume(member)["epoch"] == 3
+
+
 def test_a_truncated_or_foreign_checkpoint_gives_a_clear_error(tmp_path, data_root):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -50,6 +50,7 @@ def save(member, k: int, model, optimizer, regs) -> Path:
         "rng_numpy": json.dumps(_numpy_state()),
         "train_time_s": member.train_time_s,
         "wandb_id": member.wandb_id,
+        "overrides": list(member.job.overrides),  # whose checkpoint it is (`load_for_resume`)
     }
     path = member.run_dir / FILENAME
     write_atomic(path, lambda f: torch.save(payload, f))
@@ -87,6 +88,15 @@ def load_for_resume(member) -> dict | None:
         clear_stale_files(member.run_dir)
         return None
     payload = load(path)
+    theirs = payload.get(
+        "overrides", member.job.overrides
+    )  # written before they were kept: taken as this job's
+    if resume_from is True and job_key(theirs) != job_key(member.job.overrides):
+        # a sweep re-run with another grid in the same directory: resuming would continue another job's training
+        raise CheckpointError(
+            f"trainer.resume: {path} does not fit this config: it is the checkpoint of another job "
+            f"({' '.join(theirs) or 'no overrides'}), not of this one ({' '.join(member.job.overrides)})"
+        )
     payload["path"] = str(path)
     member.epoch = payload["epoch"]
     return payload
@@ -194,13 +204,43 @@ def truncate_metrics(source: Path, target: Path, epochs: int) -> list[dict]:
     return history
 
 
-def finished_summary(run_dir: Path) -> dict | None:
-    """The summary of a run that already finished in `run_dir`, or None."""
+def finished_summary(run_dir: Path, overrides: list[str] | None = None) -> dict | None:
+    """The summary of a run that already finished in `run_dir`, or None; with `overrides`, only one that this job
+    wrote (a sweep re-run with another grid puts other jobs into the same numbered directories)."""
     try:
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    if (
+        overrides is not None
+        and "overrides" in summary
+        and job_key(summary["overrides"]) != job_key(overrides)
+    ):
+        return None
     return summary if summary.get("status") in SKIPPED_ON_RESUME else None
+
+
+def skipped_on_resume(member) -> dict | None:
+    """The summary of a job that resuming skips: it finished in its directory, with these very overrides."""
+    if not member.cfg["trainer"]["resume"]:
+        return None
+    return finished_summary(member.run_dir, member.job.overrides)
+
+
+RUN_ONLY = (  # overrides that say how a job runs and what it keeps, not what it trains
+    "trainer.resume=",
+    "trainer.progress=",
+    "trainer.checkpoint_every=",
+    "trainer.plots=",
+    "trainer.save_weights=",
+    "logger=",
+    "logger.",
+)
+
+
+def job_key(overrides: list[str]) -> frozenset[str]:
+    """A job's identity in its sweep: its overrides in any order, less those that only say how it runs."""
+    return frozenset(o for o in overrides if not o.lstrip("+~").startswith(RUN_ONLY))
 
 
 def clear_stale_files(run_dir: Path) -> None:

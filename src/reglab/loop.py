@@ -158,10 +158,13 @@ def train_stack(members: list[Member]) -> list[float]:
 
 
 def already_finished(member: Member) -> bool:
-    if member.cfg["trainer"]["resume"] and (done := checkpoint.finished_summary(member.run_dir)):
+    if done := checkpoint.skipped_on_resume(member):
         print(f"[reglab] {member.run_dir} already finished ({done['status']}): skipped")
         member.summary, member.status = done, done["status"]
         return True
+    if member.cfg["trainer"]["resume"] and (other := checkpoint.finished_summary(member.run_dir)):
+        # a sweep re-run with another grid: as without resume, the job trains in its directory
+        print(f"[reglab] {member.run_dir} held another job's run ({' '.join(other['overrides'])}): replaced")
     return False
 
 

@@ -244,7 +244,7 @@ def train_in_processes(
     running stack, which checkpoints its members at the end of its epoch, and no further stack starts; then this
     process exits as an interrupted stack does. A stack whose process dies (out of memory, killed) fails its own
     unfinished members and no one else's."""
-    from reglab.checkpoint import finished_summary
+    from reglab.checkpoint import skipped_on_resume
     from reglab.loop import usable_cores
 
     idle = list(started or [])
@@ -271,11 +271,7 @@ def train_in_processes(
                     (idx, members[idx].cfg, members[idx].run_dir, members[idx].job) for idx in stacks[number]
                 ]
                 # the jobs its process will skip (`loop.already_finished`): without resume it trains them again
-                finished = {
-                    idx
-                    for idx in stacks[number]
-                    if members[idx].cfg["trainer"]["resume"] and finished_summary(members[idx].run_dir)
-                }
+                finished = {idx for idx in stacks[number] if skipped_on_resume(members[idx])}
                 process = hand_over(idle, (number, jobs, sweep_dir, cores))
                 running[process.sentinel] = (process, number, time.time(), finished)
                 if stops:  # a stop came while it was handed over: pass it on now
