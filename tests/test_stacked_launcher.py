@@ -496,3 +496,36 @@ def test_stacks_trained_one_after_another_count_each_jobs_time_from_its_own_stac
     for k in range(2):
         assert read_summary(tmp_path / str(k))["wall_time_s"] < 100
         assert read_metrics(tmp_path / str(k))[0]["time_s"] < 100
+
+
+def test_a_stack_asks_wandb_online_once_even_when_no_run_starts_at_all(tmp_path, data_root, monkeypatch):
+    from reglab import loop
+    from reglab.regularizers import build_regularization
+
+    modes = []  # each member's start: the mode asked for; no run starts (online and offline both failed)
+    monkeypatch.setattr(loop, "start_wandb", lambda logger, **_: modes.append(logger["wandb"]["mode"]))
+    members = []
+    for k in range(3):
+        cfg = config(data_root, "logger=wandb", "logger.wandb.mode=online", f"trainer.seed={k}")
+        (tmp_path / str(k)).mkdir()
+        members.append(Member(cfg=cfg, run_dir=tmp_path / str(k), job=Job(multirun=True)))
+    stack = loop.Stack(members=members, trainer=members[0].cfg["trainer"])
+    regs = build_regularization([m.cfg["regularizer"] for m in members], [m.seed for m in members])
+    loop.start_records(stack, regs)
+    assert modes == ["online", "offline", "offline"]
+
+
+def test_a_stop_as_a_stacks_last_epoch_ends_leaves_its_records_alone(tmp_path, data_root, monkeypatch):
+    from reglab.cli import train_one_stack
+    from tests.test_preemption import stop_in_the_last_epoch
+
+    stop_in_the_last_epoch(monkeypatch, signal.SIGTERM, epochs=2)
+    members = {}
+    for k in range(2):
+        cfg = config(data_root, "trainer.epochs=2", "dataset.n_train=300", f"trainer.seed={k}")
+        (tmp_path / str(k)).mkdir()
+        members[k] = Member(cfg=cfg, run_dir=tmp_path / str(k), job=Job(multirun=True))
+    with pytest.raises(SystemExit) as exit_info:  # the sweep stops: no further stack starts
+        train_one_stack(0, members, str(tmp_path))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert [read_summary(tmp_path / str(k))["status"] for k in range(2)] == ["completed", "completed"]

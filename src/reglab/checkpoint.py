@@ -200,7 +200,9 @@ def truncate_metrics(source: Path, target: Path, epochs: int) -> list[dict]:
             if row.get("epoch", 0) > epochs:
                 break
             history.append(row)
-    target.write_text("".join(json.dumps(row) + "\n" for row in history))
+    # atomic: a kill (or a second Ctrl-C) while it is rewritten must not lose the epochs before the checkpoint
+    text = "".join(json.dumps(row) + "\n" for row in history)
+    write_atomic(target, lambda f: f.write(text.encode()))
     return history
 
 

@@ -239,7 +239,8 @@ def start_records(stack: Stack, regs: Regularization) -> None:
         asked_online = (
             resolve_wandb_mode(m.cfg["logger"].get("wandb", {}).get("mode", "disabled")) == "online"
         )
-        offline = offline or (run is not None and run.offline and asked_online)
+        # online asked for but not had (offline, or no run at all when offline failed too): not asked again
+        offline = offline or (asked_online and (run is None or run.offline))
         m.record = RunRecord(m.run_dir, run, log_images=log_plots(m.cfg))
 
 
