@@ -332,3 +332,12 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, data_root):
     run_train([*args, "trainer.resume=true"], tmp_path, data_root)
     run_ids = {path.name.rsplit("-", 1)[1] for path in (run_dir / "wandb").glob("offline-run-*")}
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(run_ids) == 1
+
+
+def test_a_job_is_recognised_by_its_overrides_as_hydra_writes_them_whatever_says_how_it_runs():
+    swept = ["regularizer.l2.weight_decay=0.0001", "regularizer=[l2,dropout]", "trainer.deterministic=True"]
+    typed = ["trainer.deterministic=true", "regularizer=[l2, dropout]", "regularizer.l2.weight_decay=1e-4"]
+    run_only = ["trainer.resume=true", "logger=wandb", "logger.wandb.mode=offline", "dataset.root=/elsewhere"]
+    assert checkpoint.job_key(swept) == checkpoint.job_key([*typed, *run_only])
+    assert checkpoint.job_key(swept) != checkpoint.job_key([*swept[:2], "trainer.deterministic=false"])
+    assert checkpoint.job_key(["trainer.seed=0"]) != checkpoint.job_key(["trainer.seed=0", "+extra=1"])

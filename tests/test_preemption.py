@@ -61,6 +61,25 @@ def test_a_stop_that_came_while_blocked_reaches_the_handlers_once_they_are_in_pl
         signal.signal(signal.SIGTERM, before)
 
 
+PARENT_CHECK = """
+import os, signal
+from reglab.preemption import signal_when_parent_dies
+
+got = []
+signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+signal_when_parent_dies(signal.SIGUSR1, os.getppid())  # its parent lives, whatever its id (1 in a container)
+print(len(got), end=" ")
+signal_when_parent_dies(signal.SIGUSR1, os.getppid() + 1)  # started by another process, which is gone
+print(len(got))
+"""
+
+
+def test_a_child_signals_itself_only_when_the_process_that_started_it_is_gone():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, "-c", PARENT_CHECK], capture_output=True, text=True, env=env)
+    assert result.stdout.split() == ["0", "1"], result.stderr
+
+
 class Launcher:
     """What hydra-submitit-launcher gives submitit: a callable whose checkpoint() resubmits it."""
 
@@ -352,3 +371,26 @@ def test_a_preempted_submitit_job_is_requeued_and_ends_exactly_like_an_uninterru
     run_train([*RUN, f"hydra.run.dir={straight}"], tmp_path, data_root)
     without_time = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]  # noqa: E731
     assert without_time(read_metrics(sweep / "0")) == without_time(read_metrics(straight))
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["alone", "stack"])
+def test_a_failed_scontrol_requeue_exits_with_the_signal_and_leaves_no_requeue_marker(
+    tmp_path, submitit_job, monkeypatch, stacked
+):
+    from types import SimpleNamespace
+
+    env = submitit_job(timeouts_left=3)
+
+    def scontrol_fails(countdown):
+        raise subprocess.CalledProcessError(1, ["scontrol", "requeue", "7"])
+
+    monkeypatch.setattr(env, "_requeue", scontrol_fails)
+    stop = Interrupted("SIGUSR2", 4)
+    with pytest.raises(SystemExit) as exit_info:
+        if stacked:
+            member = SimpleNamespace(run_dir=tmp_path, epoch=4, job=SimpleNamespace(overrides=[]))
+            preemption.after_stack_interrupt(stop, [member], "")
+        else:
+            after_interrupt(stop, tmp_path, [], "")
+    assert exit_info.value.code == 128 + signal.SIGUSR2
+    assert not (tmp_path / preemption.REQUEUE_MARKER).exists()  # a later plain run must not resume by itself

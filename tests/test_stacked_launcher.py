@@ -18,6 +18,7 @@ from reglab import diagnostics
 from reglab.loop import Job, Member, train_stack
 from tests.conftest import ROOT, TINY, job_dirs, read_metrics, read_summary, run_train
 from tests.test_loop import config
+from tests.test_preemption import submitit_job  # noqa: F401  (a fixture)
 from tests.test_stack import without_time
 
 QUICK = ["logger=none", "trainer.plots=false", "trainer.save_weights=false"]
@@ -529,3 +530,25 @@ def test_a_stop_as_a_stacks_last_epoch_ends_leaves_its_records_alone(tmp_path, d
         train_one_stack(0, members, str(tmp_path))
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert [read_summary(tmp_path / str(k))["status"] for k in range(2)] == ["completed", "completed"]
+
+
+def test_a_requeue_signal_as_a_stacks_last_epoch_ends_ends_the_job_as_done(
+    tmp_path,
+    data_root,
+    monkeypatch,
+    submitit_job,  # noqa: F811  (the fixture imported above)
+):
+    from reglab.cli import train_one_stack
+    from tests.test_preemption import stop_in_the_last_epoch
+
+    env = submitit_job(timeouts_left=0)  # a requeue would be refused and the jobs recorded as interrupted
+    stop_in_the_last_epoch(monkeypatch, signal.SIGUSR2, epochs=2)
+    members = {}
+    for k in range(2):
+        cfg = config(data_root, "trainer.epochs=2", "dataset.n_train=300", f"trainer.seed={k}")
+        (tmp_path / str(k)).mkdir()
+        members[k] = Member(cfg=cfg, run_dir=tmp_path / str(k), job=Job(multirun=True))
+    objectives = train_one_stack(0, members, str(tmp_path))
+    summaries = [read_summary(tmp_path / str(k)) for k in range(2)]
+    assert [s["status"] for s in summaries] == ["completed", "completed"] and env.requeued_with is None
+    assert objectives == {k: summaries[k]["val/loss"] for k in range(2)}

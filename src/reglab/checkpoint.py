@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reglab.errors import FINISHED, CheckpointError
+from reglab.errors import FINISHED, CheckpointError, run_only
 from reglab.models import MemberView, find_block, member_parameters
 from reglab.tracking import write_atomic
 
@@ -229,20 +229,21 @@ def skipped_on_resume(member) -> dict | None:
     return finished_summary(member.run_dir, member.job.overrides)
 
 
-RUN_ONLY = (  # overrides that say how a job runs and what it keeps, not what it trains
-    "trainer.resume=",
-    "trainer.progress=",
-    "trainer.checkpoint_every=",
-    "trainer.plots=",
-    "trainer.save_weights=",
-    "logger=",
-    "logger.",
-)
-
-
 def job_key(overrides: list[str]) -> frozenset[str]:
-    """A job's identity in its sweep: its overrides in any order, less those that only say how it runs."""
-    return frozenset(o for o in overrides if not o.lstrip("+~").startswith(RUN_ONLY))
+    """A job's identity in its sweep: its overrides in any order and as Hydra's sweeper writes them (1e-4 and 0.0001,
+    true and True alike: a job resumed by hand is typed as the user likes), less those that only say how it runs."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException:  # not Hydra's syntax: compared as written
+        return frozenset(o for o in overrides if not run_only(o.lstrip("+~").split("=")[0].split("@")[0]))
+    return frozenset(
+        f"{o.get_key_element()}={o.get_value_element_as_str()}"
+        for o in parsed
+        if not run_only(o.key_or_group)
+    )
 
 
 def clear_stale_files(run_dir: Path) -> None:

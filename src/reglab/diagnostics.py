@@ -13,6 +13,7 @@ import contextlib
 import math
 import multiprocessing
 import numbers
+import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -476,6 +477,7 @@ class Plotter:
                         self.workers,
                         mp_context=multiprocessing.get_context("spawn"),
                         initializer=_plot_worker,
+                        initargs=(os.getpid(),),
                     )
                 return Drawing(function, args, self.pool.submit(function, *args))
             except BrokenProcessPool:  # a drawing process died: from now on figures are drawn here
@@ -507,16 +509,15 @@ class Drawing:
         return self.function(*self.args)
 
 
-def _plot_worker() -> None:
+def _plot_worker(owner: int) -> None:
     """A drawing process leaves Ctrl-C, SIGTERM and the cluster's requeue signal to the training process (which
     finishes or checkpoints its runs, figures included) and takes one thread: the stack's process has the cores."""
     from reglab.preemption import requeue_signal, signal_when_parent_dies
 
     for sig in (signal.SIGINT, signal.SIGTERM, requeue_signal()):
         signal.signal(sig, signal.SIG_IGN)
-    signal_when_parent_dies(
-        signal.SIGKILL
-    )  # the pool's owner died (out of memory, killed): nothing to draw for
+    # its owner died (out of memory, killed): nothing left to draw for
+    signal_when_parent_dies(signal.SIGKILL, owner)
     torch.set_num_threads(1)
 
 

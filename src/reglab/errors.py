@@ -1,4 +1,4 @@
-"""reglab's error types and run statuses, free of heavy imports so the entrypoint can report bad input fast.
+"""reglab's error types, run statuses and run-only keys, free of heavy imports so the entrypoint can report bad input fast.
 
 Bad input (`ConfigError`, `DatasetUnavailable`, `CheckpointError`) stops a run before training with one line that
 says what is wrong and what to do; everything else that goes wrong inside a job is recorded as status `failed`.
@@ -10,6 +10,23 @@ from pathlib import Path
 
 FINISHED = ("completed", "early_stopped")  # statuses whose numbers count (reports average only these)
 STATUSES = (*FINISHED, "diverged", "failed", "interrupted")  # interrupted: stopped by a signal, not requeued
+# config keys that say how a job runs and what it keeps, not what it trains (logger.* too): the report groups jobs
+# across them, and resuming a sweep recognises a job's records whatever they are set to
+RUN_ONLY_KEYS = (
+    "trainer.resume",
+    "trainer.progress",
+    "trainer.plots",
+    "trainer.save_weights",
+    "trainer.on_error",
+    "trainer.checkpoint_every",
+    "dataset.root",
+    "dataset.download",
+)
+
+
+def run_only(key: str) -> bool:
+    """Whether an override's key (or config group) only says how a job runs: RUN_ONLY_KEYS and the logger's."""
+    return key in RUN_ONLY_KEYS or key == "logger" or key.startswith("logger.")
 
 
 class ConfigError(ValueError):

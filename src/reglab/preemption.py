@@ -52,16 +52,19 @@ def requeue_signal() -> signal.Signals:
     return getattr(signal, f"SIG{name}", signal.SIGUSR2)
 
 
-def signal_when_parent_dies(sig: int) -> None:
-    """Linux: `sig` to this process when the process that started it dies (killed, crashed): a stack's process then
-    checkpoints and stops instead of training on unsupervised, a drawing process ends instead of waiting forever."""
+def signal_when_parent_dies(sig: int, parent: int) -> None:
+    """Linux: `sig` to this process when `parent`, the process that started it, dies (killed, crashed): a stack's
+    process then checkpoints and stops instead of training on unsupervised, a drawing process ends instead of
+    waiting forever."""
     import ctypes
 
     try:
         ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, sig)
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # it died before the request was made
+    # it died before the request was made: this process has another parent now (init, or a sub-reaper; not "PID 1",
+    # which is the parent itself in a container without an init)
+    if os.getppid() != parent:
         os.kill(os.getpid(), sig)
 
 

@@ -36,7 +36,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from reglab.errors import FINISHED
+from reglab.errors import FINISHED, run_only
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +62,6 @@ METRICS = (  # summary.json keys aggregated per group (report.csv has a mean and
     "weights/l2",
     "weights/l1",
     "wall_time_s",
-)
-RUN_ONLY_KEYS = (
-    "trainer.resume",
-    "trainer.progress",
-    "trainer.plots",
-    "trainer.save_weights",
-    "trainer.on_error",
-    "trainer.checkpoint_every",
-    "dataset.root",
-    "dataset.download",
 )
 MAX_CURVES = 20  # validation-loss lines in one plot; more are unreadable
 MAX_SERIES = 10  # series per strength panel (other settings crossed with the strength)
@@ -99,9 +89,7 @@ def _is_grouping_override(override: str) -> bool:
     """Whether an override tells configurations apart: not the seed, not Hydra's own settings, not how a job ran
     (resuming, logging, progress output and file writing do not change what was trained)."""
     key = _override_key(override)
-    return key not in (SEED_KEY, "hydra", *RUN_ONLY_KEYS) and not key.startswith(
-        ("hydra.", "hydra/", "logger")
-    )
+    return key not in (SEED_KEY, "hydra") and not key.startswith(("hydra.", "hydra/")) and not run_only(key)
 
 
 def _read_json(path: Path) -> dict | None:

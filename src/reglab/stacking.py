@@ -216,7 +216,7 @@ def start_stack_processes(count: int) -> list[tuple[multiprocessing.Process, Con
     started = []
     for _ in range(count):
         mine, theirs = context.Pipe()
-        process = context.Process(target=stack_process, args=(theirs,), name="reglab stack")
+        process = context.Process(target=stack_process, args=(theirs, os.getpid()), name="reglab stack")
         process.start()
         theirs.close()
         started.append((process, mine))
@@ -339,21 +339,21 @@ def hold_stop_signals() -> set[int]:
     signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     for sig in stops:
         # what `stop_on_signals` puts back once the stack has trained: a stop then (every member written, W&B runs
-        # and figures being finished) is ignored instead of ending the process. A handler, not SIG_IGN: under
-        # SIG_IGN a blocked signal is discarded, not kept pending.
+        # and figures being finished) is ignored instead of ending the process; a stop while it waits for its stack
+        # stays pending (blocked) either way
         signal.signal(sig, lambda signum, frame: None)
     return stops
 
 
-def stack_process(pipe: Connection) -> None:
+def stack_process(pipe: Connection, launcher: int) -> None:
     """The body of a stack's process: load, wait for a stack, train it. It runs in a process group of its own, so
     that a terminal's Ctrl-C reaches it once, passed on by the launcher, and not a second time directly (a second
     Ctrl-C stops a stack at once)."""
-    from reglab.preemption import signal_when_parent_dies
+    from reglab.preemption import requeue_signal, signal_when_parent_dies
 
     os.setpgid(0, 0)
     stops = hold_stop_signals()
-    signal_when_parent_dies(signal.SIGTERM)
+    signal_when_parent_dies(signal.SIGTERM, launcher)
     import gc
 
     import torch._dynamo  # noqa: F401  (the optimizer's first step imports it, ~1.7 s: now, while waiting)
@@ -366,7 +366,8 @@ def stack_process(pipe: Connection) -> None:
     except EOFError:  # no stack for this one
         return
     if pending := stops & signal.sigpending():
-        raise SystemExit(128 + min(pending))
+        # which came first is not known: the requeue signal wins, as in `stop_on_signals`, then SIGTERM
+        raise SystemExit(128 + max(pending, key=lambda sig: (sig == requeue_signal(), sig == signal.SIGTERM)))
     members = {}
     for idx, cfg, run_dir, job in jobs:
         job.cores, job.parallel = cores, True
