@@ -484,15 +484,22 @@ def test_a_drawing_process_that_dies_costs_time_not_figures():
         plotter.close()
 
 
+def seeds_as_members(tmp_path, data_root, count: int, *overrides) -> dict[int, Member]:
+    """Jobs 0..count-1 of a sweep over trainer.seed, as the stacked launcher hands them to a stack."""
+    members = {}
+    for k in range(count):
+        cfg = config(data_root, *overrides, f"trainer.seed={k}")
+        (tmp_path / str(k)).mkdir()
+        members[k] = Member(cfg=cfg, run_dir=tmp_path / str(k), job=Job(multirun=True))
+    return members
+
+
 def test_stacks_trained_one_after_another_count_each_jobs_time_from_its_own_stack(tmp_path, data_root):
     from reglab.cli import train_members
 
-    members = {}
-    for k in range(2):
-        (tmp_path / str(k)).mkdir()
-        cfg = config(data_root, "trainer.epochs=2", "dataset.n_train=300", f"trainer.seed={k}")
-        members[k] = Member(cfg=cfg, run_dir=tmp_path / str(k), job=Job(multirun=True))
-        members[k].started -= 1000  # composed long before (as the sweep's other jobs trained)
+    members = seeds_as_members(tmp_path, data_root, 2, "trainer.epochs=2", "dataset.n_train=300")
+    for member in members.values():
+        member.started -= 1000  # composed long before (as the sweep's other jobs trained)
     train_members(members, max_stack=1, sweep_dir=str(tmp_path), processes=1)
     for k in range(2):
         assert read_summary(tmp_path / str(k))["wall_time_s"] < 100
@@ -505,11 +512,9 @@ def test_a_stack_asks_wandb_online_once_even_when_no_run_starts_at_all(tmp_path,
 
     modes = []  # each member's start: the mode asked for; no run starts (online and offline both failed)
     monkeypatch.setattr(loop, "start_wandb", lambda logger, **_: modes.append(logger["wandb"]["mode"]))
-    members = []
-    for k in range(3):
-        cfg = config(data_root, "logger=wandb", "logger.wandb.mode=online", f"trainer.seed={k}")
-        (tmp_path / str(k)).mkdir()
-        members.append(Member(cfg=cfg, run_dir=tmp_path / str(k), job=Job(multirun=True)))
+    members = list(
+        seeds_as_members(tmp_path, data_root, 3, "logger=wandb", "logger.wandb.mode=online").values()
+    )
     stack = loop.Stack(members=members, trainer=members[0].cfg["trainer"])
     regs = build_regularization([m.cfg["regularizer"] for m in members], [m.seed for m in members])
     loop.start_records(stack, regs)
@@ -521,11 +526,7 @@ def test_a_stop_as_a_stacks_last_epoch_ends_leaves_its_records_alone(tmp_path, d
     from tests.test_preemption import stop_in_the_last_epoch
 
     stop_in_the_last_epoch(monkeypatch, signal.SIGTERM, epochs=2)
-    members = {}
-    for k in range(2):
-        cfg = config(data_root, "trainer.epochs=2", "dataset.n_train=300", f"trainer.seed={k}")
-        (tmp_path / str(k)).mkdir()
-        members[k] = Member(cfg=cfg, run_dir=tmp_path / str(k), job=Job(multirun=True))
+    members = seeds_as_members(tmp_path, data_root, 2, "trainer.epochs=2", "dataset.n_train=300")
     with pytest.raises(SystemExit) as exit_info:  # the sweep stops: no further stack starts
         train_one_stack(0, members, str(tmp_path))
     assert exit_info.value.code == 128 + signal.SIGTERM
@@ -543,11 +544,7 @@ def test_a_requeue_signal_as_a_stacks_last_epoch_ends_ends_the_job_as_done(
 
     env = submitit_job(timeouts_left=0)  # a requeue would be refused and the jobs recorded as interrupted
     stop_in_the_last_epoch(monkeypatch, signal.SIGUSR2, epochs=2)
-    members = {}
-    for k in range(2):
-        cfg = config(data_root, "trainer.epochs=2", "dataset.n_train=300", f"trainer.seed={k}")
-        (tmp_path / str(k)).mkdir()
-        members[k] = Member(cfg=cfg, run_dir=tmp_path / str(k), job=Job(multirun=True))
+    members = seeds_as_members(tmp_path, data_root, 2, "trainer.epochs=2", "dataset.n_train=300")
     objectives = train_one_stack(0, members, str(tmp_path))
     summaries = [read_summary(tmp_path / str(k)) for k in range(2)]
     assert [s["status"] for s in summaries] == ["completed", "completed"] and env.requeued_with is None
