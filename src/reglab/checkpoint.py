@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reglab.errors import FINISHED, CheckpointError, run_only
+from reglab.errors import FINISHED, CheckpointError, override_key, run_only
 from reglab.models import MemberView, find_block, member_parameters
 from reglab.tracking import write_atomic
 
@@ -88,14 +88,11 @@ def load_for_resume(member) -> dict | None:
         clear_stale_files(member.run_dir)
         return None
     payload = load(path)
-    theirs = payload.get(
-        "overrides", member.job.overrides
-    )  # written before they were kept: taken as this job's
-    if resume_from is True and job_key(theirs) != job_key(member.job.overrides):
+    if resume_from is True and not written_by(payload, member.job.overrides):
         # a sweep re-run with another grid in the same directory: resuming would continue another job's training
         raise CheckpointError(
             f"trainer.resume: {path} does not fit this config: it is the checkpoint of another job "
-            f"({' '.join(theirs) or 'no overrides'}), not of this one ({' '.join(member.job.overrides)})"
+            f"({' '.join(payload['overrides']) or 'no overrides'}), not of this one ({' '.join(member.job.overrides)})"
         )
     payload["path"] = str(path)
     member.epoch = payload["epoch"]
@@ -206,27 +203,27 @@ def truncate_metrics(source: Path, target: Path, epochs: int) -> list[dict]:
     return history
 
 
-def finished_summary(run_dir: Path, overrides: list[str] | None = None) -> dict | None:
-    """The summary of a run that already finished in `run_dir`, or None; with `overrides`, only one that this job
-    wrote (a sweep re-run with another grid puts other jobs into the same numbered directories)."""
+def finished_summary(run_dir: Path) -> dict | None:
+    """The summary of a run that already finished in `run_dir`, or None."""
     try:
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    if (
-        overrides is not None
-        and "overrides" in summary
-        and job_key(summary["overrides"]) != job_key(overrides)
-    ):
         return None
     return summary if summary.get("status") in SKIPPED_ON_RESUME else None
 
 
 def skipped_on_resume(member) -> dict | None:
-    """The summary of a job that resuming skips: it finished in its directory, with these very overrides."""
+    """The summary of a job that resuming skips: it finished in its directory, and this job wrote it."""
     if not member.cfg["trainer"]["resume"]:
         return None
-    return finished_summary(member.run_dir, member.job.overrides)
+    done = finished_summary(member.run_dir)
+    return done if done is not None and written_by(done, member.job.overrides) else None
+
+
+def written_by(record: dict, overrides: list[str]) -> bool:
+    """Whether a summary or checkpoint is this job's (a sweep re-run with another grid puts other jobs into the same
+    numbered directories); one written before records kept their overrides is taken as the job's own."""
+    return "overrides" not in record or job_key(record["overrides"]) == job_key(overrides)
 
 
 def job_key(overrides: list[str]) -> frozenset[str]:
@@ -238,7 +235,7 @@ def job_key(overrides: list[str]) -> frozenset[str]:
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except OverrideParseException:  # not Hydra's syntax: compared as written
-        return frozenset(o for o in overrides if not run_only(o.lstrip("+~").split("=")[0].split("@")[0]))
+        return frozenset(o for o in overrides if not run_only(override_key(o).split("@")[0]))
     return frozenset(
         f"{o.get_key_element()}={o.get_value_element_as_str()}"
         for o in parsed

@@ -24,6 +24,11 @@ RUN_ONLY_KEYS = (
 )
 
 
+def override_key(override: str) -> str:
+    """`+a.b=1` -> `a.b`; `~a.b` -> `a.b`; `regularizer=[l2,dropout]` -> `regularizer`."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
 def run_only(key: str) -> bool:
     """Whether an override's key (or config group) only says how a job runs: RUN_ONLY_KEYS and the logger's."""
     return key in RUN_ONLY_KEYS or key == "logger" or key.startswith("logger.")

@@ -158,14 +158,15 @@ def train_stack(members: list[Member]) -> list[float]:
 
 
 def already_finished(member: Member) -> bool:
-    if done := checkpoint.skipped_on_resume(member):
-        print(f"[reglab] {member.run_dir} already finished ({done['status']}): skipped")
-        member.summary, member.status = done, done["status"]
-        return True
-    if member.cfg["trainer"]["resume"] and (other := checkpoint.finished_summary(member.run_dir)):
+    if not member.cfg["trainer"]["resume"] or (done := checkpoint.finished_summary(member.run_dir)) is None:
+        return False
+    if not checkpoint.written_by(done, member.job.overrides):
         # a sweep re-run with another grid: as without resume, the job trains in its directory
-        print(f"[reglab] {member.run_dir} held another job's run ({' '.join(other['overrides'])}): replaced")
-    return False
+        print(f"[reglab] {member.run_dir} held another job's run ({' '.join(done['overrides'])}): replaced")
+        return False
+    print(f"[reglab] {member.run_dir} already finished ({done['status']}): skipped")
+    member.summary, member.status = done, done["status"]
+    return True
 
 
 def prepare(stack: Stack):

@@ -110,11 +110,12 @@ def after_finished_runs(stop: Interrupted) -> None:
     """A stop that came as the last runs finished (`stop.finished`): nothing to requeue, no record to touch. Under
     submitit's requeue signal the job ends as done (this returns); otherwise the process exits with 128 + signal,
     so that a sweep in this process starts no further job."""
-    if submitit_handler(signal.Signals[stop.signal_name]) is None:
+    signum = signal.Signals[stop.signal_name]
+    if submitit_handler(signum) is None:
         print(
             f"[reglab] {stop.signal_name}: the run(s) had finished; stopped before anything else", flush=True
         )
-        raise SystemExit(128 + signal.Signals[stop.signal_name])
+        raise SystemExit(128 + signum)
 
 
 def after_interrupt(stop: Interrupted, run_dir: Path, overrides: list[str], resume_hint: str) -> float:

@@ -36,7 +36,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from reglab.errors import FINISHED, run_only
+from reglab.errors import FINISHED, override_key, run_only
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,6 @@ class SweepReportError(ValueError):
 # Reading the jobs
 
 
-def _override_key(override: str) -> str:
-    """`+a.b=1` -> `a.b`; `~a.b` -> `a.b`; `regularizer=[l2,dropout]` -> `regularizer`."""
-    return override.lstrip("+~").split("=", 1)[0]
-
-
 def _override_value(override: str) -> str:
     return override.split("=", 1)[1] if "=" in override else ""
 
@@ -88,7 +83,7 @@ def _override_value(override: str) -> str:
 def _is_grouping_override(override: str) -> bool:
     """Whether an override tells configurations apart: not the seed, not Hydra's own settings, not how a job ran
     (resuming, logging, progress output and file writing do not change what was trained)."""
-    key = _override_key(override)
+    key = override_key(override)
     return key not in (SEED_KEY, "hydra") and not key.startswith(("hydra.", "hydra/")) and not run_only(key)
 
 
@@ -215,9 +210,9 @@ class Group:
         """`regularizer.<technique>.<param>=<value>` overrides as {param: value}."""
         prefix = f"regularizer.{technique}."
         return {
-            _override_key(o)[len(prefix) :]: _override_value(o)
+            override_key(o)[len(prefix) :]: _override_value(o)
             for o in self.overrides
-            if _override_key(o).startswith(prefix)
+            if override_key(o).startswith(prefix)
         }
 
     def strength(self, technique: str) -> float | None:
@@ -251,10 +246,10 @@ def _techniques(overrides: Sequence[str], jobs: Sequence[Job]) -> tuple[str, ...
         if isinstance(recorded, list):
             return tuple(str(name) for name in recorded)
     for override in overrides:
-        if _override_key(override) == "regularizer":
+        if override_key(override) == "regularizer":
             names = _override_value(override).strip("[]").split(",")
             return tuple(n.strip() for n in names if n.strip() and n.strip() not in ("none", "null"))
-    keys = [_override_key(o).split(".") for o in overrides if _override_key(o).startswith("regularizer.")]
+    keys = [override_key(o).split(".") for o in overrides if override_key(o).startswith("regularizer.")]
     return tuple(dict.fromkeys(parts[1] for parts in keys if len(parts) > 2))
 
 
@@ -277,7 +272,7 @@ def _label(group: Group, common: set[str], omit_strength_of: str | None = None) 
     that technique's strength (the name of a series in the strength plot)."""
     described = dict.fromkeys(group.techniques)
     for override in group.overrides:
-        parts = _override_key(override).split(".")
+        parts = override_key(override).split(".")
         if parts[0] == "regularizer" and len(parts) > 2:
             described.setdefault(parts[1])
     technique_parts = []
@@ -291,8 +286,8 @@ def _label(group: Group, common: set[str], omit_strength_of: str | None = None) 
         o
         for o in group.overrides
         if o not in common
-        and _override_key(o) != "regularizer"
-        and not _override_key(o).startswith("regularizer.")
+        and override_key(o) != "regularizer"
+        and not override_key(o).startswith("regularizer.")
     ]
     label = " + ".join(technique_parts) or "none"
     return f"{label}, {' '.join(others)}" if others else label
@@ -343,7 +338,7 @@ def group_jobs(jobs: Sequence[Job]) -> list[Group]:
 
 def _common_overrides(groups: Sequence[Group]) -> list[str]:
     shared = set.intersection(*(set(g.overrides) for g in groups)) if groups else set()
-    return sorted(o for o in shared if not _override_key(o).startswith("regularizer"))
+    return sorted(o for o in shared if not override_key(o).startswith("regularizer"))
 
 
 def _failure_reason(job: Job) -> str:
