@@ -280,3 +280,28 @@ def test_members_scored_a_few_at_a_time_score_as_all_at_once(monkeypatch):
     assert [{k: v.item() for k, v in m.items()} for m in apart] == [
         {k: v.item() for k, v in m.items()} for m in together
     ]
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn1d", "resmlp"])
+def test_logits_are_the_same_bits_in_chunks_of_any_size(model, monkeypatch):
+    """On the CPU a stack is evaluated in chunks of fewer samples than a lone run (`EVALUATED_AT_ONCE`): every
+    member's logits must not depend on how many samples are computed beside them, for a stack or alone."""
+    from reglab import loop
+    from reglab.models import Architecture, build_model
+    from reglab.regularizers.dropout import DropoutPlan
+
+    cfg = {
+        "mlp": {"hidden": [100, 100]},
+        "cnn1d": {"channels": [8, 16], "kernel_size": [5, 3], "hidden": [32]},
+        "resmlp": {"width": 32, "blocks": 2, "hidden": []},
+    }
+    length = 784 if model != "cnn1d" else 40
+    arch = Architecture(input_shape=(1, length), num_classes=10, seeds=[0, 1, 2], dropout=[DropoutPlan()] * 3)
+    stack = build_model({"name": model, "activation": "relu", **cfg[model]}, arch)
+    x = torch.randn(1001, 1, length, generator=torch.Generator().manual_seed(0))
+    whole = loop.predict_all(stack, x, batch_size=4096, members=3)
+    # 1001 samples: chunks of 1000 and 1 would compute the last sample with another kernel
+    assert torch.equal(loop.predict_all(stack, x[:1001], batch_size=1000, members=3), whole[:, :1001])
+    for at_once in (3 * 1000, 3 * 100, 3 * 37, 3):
+        monkeypatch.setattr(loop, "EVALUATED_AT_ONCE", at_once)
+        assert torch.equal(loop.predict_all(stack, x, batch_size=4096, members=3), whole), at_once

@@ -1,0 +1,124 @@
+"""`FusedAdam` takes every step exactly as `torch.optim.Adam(fused=True)` does, through everything a training does to
+an optimizer: groups with their own settings, a learning-rate schedule, tensors that stop training, a checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reglab.fused_adam import FusedAdam
+
+
+def _groups(seed: int = 0) -> list[dict]:
+    """A stack's kind of groups: per-member biases apart, weight blocks, decay coupled and decoupled."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randn(6, 100, 40, generator=generator)
+    biases = torch.randn(6, 100, generator=generator)
+    plain = [biases[k].requires_grad_() for k in range(6)] + [weights[0:2].requires_grad_()]
+    return [
+        {"params": plain},
+        {"params": [weights[2:4].requires_grad_()], "weight_decay": 1e-2},
+        {
+            "params": [weights[4:6].requires_grad_()],
+            "weight_decay": 0.1,
+            "decoupled_weight_decay": True,
+            "lr": 3e-3,
+        },
+    ]
+
+
+def _gradients(groups: list[dict], step: int, stopped: int = 0) -> None:
+    """New gradients each step, written into the gradient tensors there are (as a stack's backward pass does:
+    models.share_gradients); the first `stopped` tensors get none."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    for group in groups:
+        for p in group["params"]:
+            grad = torch.randn(p.shape, generator=generator)
+            p.grad = grad if p.grad is None else p.grad.copy_(grad)
+    for p in groups[0]["params"][:stopped]:
+        p.grad = None
+
+
+@pytest.fixture
+def builtin_steps(monkeypatch) -> list[int]:
+    """Counts the steps that FusedAdam left to the built-in: the others took the kept lists."""
+    from reglab import fused_adam
+
+    calls = []
+    builtin = fused_adam._builtin_step
+
+    def counted(optimizer, closure):
+        calls.append(1)
+        return builtin(optimizer, closure)
+
+    monkeypatch.setattr(fused_adam, "_builtin_step", counted)
+    return calls
+
+
+def _same(groups: list[dict], other: list[dict]) -> bool:
+    """Whether two copies of the groups hold the same parameters, bit for bit."""
+    params = [p for group in groups for p in group["params"]]
+    others = [p for group in other for p in group["params"]]
+    return all(torch.equal(a, b) for a, b in zip(params, others, strict=True))
+
+
+def test_fused_adam_steps_as_the_builtin_bit_for_bit(builtin_steps):
+    builtin_groups, ours_groups = _groups(), _groups()
+    builtin = torch.optim.Adam(builtin_groups, lr=1e-2, fused=True)
+    ours = FusedAdam(ours_groups, lr=1e-2)
+    schedule = torch.optim.lr_scheduler.ExponentialLR(builtin, gamma=0.9)
+    for step in range(12):
+        stopped = 3 if step >= 6 else 0  # three members' biases stop training halfway
+        for groups, optimizer in ((builtin_groups, builtin), (ours_groups, ours)):
+            if step == 10:  # gradients handed out anew (models.share_gradients, after a block changed)
+                groups[1]["params"][0].grad = torch.zeros_like(groups[1]["params"][0])
+            _gradients(groups, step, stopped)
+            optimizer.step()
+        assert _same(builtin_groups, ours_groups), step
+        schedule.step()  # the same learning rates for both
+        for ours_group, builtin_group in zip(ours.param_groups, builtin.param_groups, strict=True):
+            ours_group["lr"] = builtin_group["lr"]
+        if step == 8:  # a checkpoint: the state saved and put back, into the optimizer of a resumed run
+            state = ours.state_dict()
+            ours = FusedAdam(ours_groups, lr=1e-2)
+            ours.load_state_dict(state)
+    # the built-in took the first step and those after the members stopped, the checkpoint and the new gradient
+    assert len(builtin_steps) == 4
+    for a, b in zip(builtin.state_dict()["state"].values(), ours.state_dict()["state"].values(), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_state_put_back_by_hand_is_the_one_stepped(builtin_steps):
+    """A restored member's state replaces its tensors' state entries, or a block's step count alone
+    (checkpoint.restore_optimizer_state): the next step must update and count from that state, not from lists kept
+    before."""
+    builtin_groups, ours_groups = _groups(), _groups()
+    builtin = torch.optim.Adam(builtin_groups, lr=1e-2, fused=True)
+    ours = FusedAdam(ours_groups, lr=1e-2)
+    put_back = {
+        3: lambda optimizer, p: optimizer.state[p].update(step=torch.tensor(1.0)),
+        5: lambda optimizer, p: optimizer.state.__setitem__(
+            p, {key: torch.zeros_like(v) for key, v in optimizer.state[p].items()}
+        ),
+    }
+    for step in range(7):
+        for groups, optimizer in ((builtin_groups, builtin), (ours_groups, ours)):
+            if step in put_back:
+                put_back[step](optimizer, groups[0]["params"][0])
+            _gradients(groups, step)
+            optimizer.step()
+        assert _same(builtin_groups, ours_groups), step
+    assert len(builtin_steps) == 3  # the first step and the two after a state was put back
+
+
+@pytest.mark.parametrize("setting", [{"amsgrad": True}, {"maximize": True}])
+def test_settings_the_kept_lists_do_not_serve_take_the_builtin_step(setting):
+    builtin_groups, ours_groups = _groups(), _groups()
+    builtin = torch.optim.Adam(builtin_groups, lr=1e-2, fused=True, **setting)
+    ours = FusedAdam(ours_groups, lr=1e-2, **setting)
+    for step in range(4):
+        for groups, optimizer in ((builtin_groups, builtin), (ours_groups, ours)):
+            _gradients(groups, step)
+            optimizer.step()
+    assert ours._kept is None
+    assert _same(builtin_groups, ours_groups)
