@@ -3,6 +3,9 @@ an optimizer: groups with their own settings, a learning-rate schedule, tensors 
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 
@@ -78,10 +81,12 @@ def test_fused_adam_steps_as_the_builtin_bit_for_bit(builtin_steps):
         schedule.step()  # the same learning rates for both
         for ours_group, builtin_group in zip(ours.param_groups, builtin.param_groups, strict=True):
             ours_group["lr"] = builtin_group["lr"]
-        if step == 8:  # a checkpoint: the state saved and put back, into the optimizer of a resumed run
-            state = ours.state_dict()
+        if step == 8:  # a checkpoint: the state saved to a file and put back, into a resumed run's optimizer
+            saved = io.BytesIO()
+            torch.save(ours.state_dict(), saved)
+            saved.seek(0)
             ours = FusedAdam(ours_groups, lr=1e-2)
-            ours.load_state_dict(state)
+            ours.load_state_dict(torch.load(saved, weights_only=True))
     # the built-in took the first step and those after the members stopped, the checkpoint and the new gradient
     assert len(builtin_steps) == 4
     for a, b in zip(builtin.state_dict()["state"].values(), ours.state_dict()["state"].values(), strict=True):
@@ -122,3 +127,21 @@ def test_settings_the_kept_lists_do_not_serve_take_the_builtin_step(setting):
             optimizer.step()
     assert ours._kept is None
     assert _same(builtin_groups, ours_groups)
+
+
+def test_a_group_added_later_and_a_copied_optimizer_step_as_the_builtin(builtin_steps):
+    builtin_groups, ours_groups = _groups(), _groups()
+    builtin = torch.optim.Adam(builtin_groups[:2], lr=1e-2, fused=True)
+    ours = FusedAdam(ours_groups[:2], lr=1e-2)
+    for step in range(6):
+        if step == 2:  # a group added after the lists were kept
+            builtin.add_param_group(builtin_groups[2])
+            ours.add_param_group(ours_groups[2])
+        if step == 4:  # a copy of each optimizer, which trains copies of the tensors
+            builtin, ours = copy.deepcopy(builtin), copy.deepcopy(ours)
+            builtin_groups, ours_groups = builtin.param_groups, ours.param_groups
+        for groups, optimizer in ((builtin_groups, builtin), (ours_groups, ours)):
+            _gradients(groups, step)
+            optimizer.step()
+        assert _same(builtin_groups, ours_groups), step
+    assert len(builtin_steps) == 3  # the first step, the one after the group was added and the copy's first

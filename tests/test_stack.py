@@ -300,8 +300,15 @@ def test_logits_are_the_same_bits_in_chunks_of_any_size(model, monkeypatch):
     stack = build_model({"name": model, "activation": "relu", **cfg[model]}, arch)
     x = torch.randn(1001, 1, length, generator=torch.Generator().manual_seed(0))
     whole = loop.predict_all(stack, x, batch_size=4096, members=3)
-    # 1001 samples: chunks of 1000 and 1 would compute the last sample with another kernel
-    assert torch.equal(loop.predict_all(stack, x[:1001], batch_size=1000, members=3), whole[:, :1001])
-    for at_once in (3 * 1000, 3 * 100, 3 * 37, 3):
-        monkeypatch.setattr(loop, "EVALUATED_AT_ONCE", at_once)
-        assert torch.equal(loop.predict_all(stack, x, batch_size=4096, members=3), whole), at_once
+    # 1001 samples in chunks of at most 1000: 501 and 500, not 1000 and a last one computed by another kernel
+    assert torch.equal(loop.predict_all(stack, x, batch_size=1000, members=3), whole)
+    monkeypatch.setattr(loop, "FEWEST_EVALUATED", 3)
+    for rows in (1000, 100, 37, 6):  # near-equal chunks of about this many samples (5 or 6: never under 3)
+        monkeypatch.setattr(loop, "EVALUATED_AT_ONCE", 3 * rows)
+        assert torch.equal(loop.predict_all(stack, x, batch_size=4096, members=3), whole), rows
+    alone = build_model(
+        {"name": model, "activation": "relu", **cfg[model]},
+        Architecture((1, length), 10, [1], [DropoutPlan()]),
+    )
+    monkeypatch.setattr(loop, "EVALUATED_AT_ONCE", 37)
+    assert torch.equal(loop.predict_all(alone, x, batch_size=4096, members=1)[0], whole[1])

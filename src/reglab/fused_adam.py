@@ -22,7 +22,7 @@ class FusedAdam(torch.optim.Adam):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is None and self._kept is not None and all(kept.holds(self.state) for kept in self._kept):
+        if closure is None and self._holds():
             for kept in self._kept:
                 kept.step()
             return None
@@ -30,19 +30,36 @@ class FusedAdam(torch.optim.Adam):
         self._kept = [_Group(group, self.state) for group in self.param_groups] if self._servable() else None
         return loss
 
+    def _holds(self) -> bool:
+        """Whether the kept lists still are the optimizer's: its groups, tensors, gradients and state, and no
+        gradient scaler's inverse scale or inf flag to apply (torch's GradScaler sets them on the optimizer)."""
+        if self._kept is None or len(self._kept) != len(self.param_groups):
+            return False
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            return False
+        return all(
+            kept.group is group and kept.holds(self.state)
+            for kept, group in zip(self._kept, self.param_groups, strict=True)
+        )
+
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
         self._kept = None
 
+    def __setstate__(self, state: dict) -> None:  # a copy or an unpickled optimizer keeps no lists
+        super().__setstate__(state)
+        self._kept = None
+
     def _servable(self) -> bool:
-        """Whether the kept lists can take the step: the kernel's plain settings (no AMSGrad, maximize, capture,
-        gradient scaling or tensor lr) and, in each group, tensors of one device and dtype (the built-in sorts
-        them by both)."""
-        if any(self.defaults[key] for key in ("amsgrad", "maximize", "capturable", "differentiable")):
-            return False
+        """Whether the kept lists can take the next steps: every group with the kernel's plain settings (no
+        AMSGrad, maximize, capture or tensor lr), its tensors of one device and dtype (the built-in sorts them by
+        both)."""
         for group in self.param_groups:
-            kinds = {(p.device, p.dtype) for p in group["params"] if p.grad is not None}
-            if len(kinds) > 1 or isinstance(group["lr"], Tensor):
+            if any(group.get(key) for key in ("amsgrad", "maximize", "capturable", "differentiable")):
+                return False
+            if not group.get("fused") or isinstance(group["lr"], Tensor):
+                return False
+            if len({(p.device, p.dtype) for p in group["params"] if p.grad is not None}) > 1:
                 return False
         return True
 

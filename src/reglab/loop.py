@@ -366,7 +366,9 @@ def describe_optimizer(optimizer, model: nn.Module, member: int) -> dict:
     """The optimizer member k actually trains with: its class as PyTorch names it and its group settings."""
     groups = [g for g in optimizer.param_groups if member in g["members"]]
     decayed = max(groups, key=lambda g: g["weight_decay"])
-    name = "SGD" if isinstance(optimizer, torch.optim.SGD) else "Adam"  # FusedAdam is torch's Adam
+    name = (
+        "Adam" if isinstance(optimizer, torch.optim.Adam) else type(optimizer).__name__
+    )  # FusedAdam is Adam
     if decayed.get("decoupled_weight_decay"):
         name = "AdamW"  # torch.optim.AdamW is exactly Adam with this flag
     keys = ("betas", "eps") if name != "SGD" else ("momentum", "nesterov")
@@ -636,20 +638,25 @@ def epoch_metrics(model, data: DataSplits, regs, losses, lrs: list[float], stack
 
 @torch.inference_mode()
 def predict_all(model: nn.Module, x: Tensor, batch_size: int, members: int) -> Tensor:
-    """Every member's logits for x: [K, N, classes]. In chunks of near-equal size, at most `batch_size` samples (on
-    the CPU, at most `EVALUATED_AT_ONCE` samples x members, so fewer for a stack)."""
+    """Every member's logits for x: [K, N, classes], on the model's device (x may be on the host: a DataLoader's
+    training split). In chunks of at most `batch_size` samples; on the CPU of near-equal size and at most
+    `EVALUATED_AT_ONCE` samples x members."""
     model.eval()
-    if x.device.type == "cpu":
+    device = next(model.parameters()).device
+    if device.type == "cpu":
         batch_size = min(batch_size, max(FEWEST_EVALUATED, EVALUATED_AT_ONCE // members))
-    chunks = x.tensor_split(max(1, math.ceil(len(x) / batch_size)))
-    return torch.cat([predict(model, chunk, members).float() for chunk in chunks], 1)
+        chunks = x.tensor_split(max(1, math.ceil(len(x) / batch_size)))
+    else:
+        chunks = x.split(batch_size)
+    return torch.cat([predict(model, chunk.to(device), members).float() for chunk in chunks], 1)
 
 
 # Samples x members evaluated in one chunk on the CPU: a stack's activations then stay in the caches. Evaluating the
-# MNIST-1D splits took a K=24 MLP stack ~110 ms an epoch in chunks of 4096 samples ([24, 4096, 100] floats per layer)
-# and ~70 ms in chunks of 341 (measured, one thread). A row of a matmul is the same bits whatever rows are computed
-# beside it, as long as there are at least 3 of them (1 or 2 take another kernel: measured, and tested), so chunks
-# are near-equal and a stack's are at least FEWEST_EVALUATED / 2 samples: its logits are those of its lone runs.
+# MNIST-1D splits took a K=24 MLP stack ~114 ms an epoch in chunks of 4096 samples ([24, 4096, 100] floats per layer)
+# and ~100 ms in chunks of 341 (measured in its training loop, one thread). A row of a matmul came out the same bits
+# whatever rows were computed beside it, as long as there were at least 3 of them (1 or 2 take another kernel:
+# measured here), so chunks are near-equal and at least FEWEST_EVALUATED / 2 samples: a stack's logits are its lone
+# runs' (tested), and a lone run's are those of one chunk.
 EVALUATED_AT_ONCE = 2**13
 FEWEST_EVALUATED = 64
 
@@ -660,6 +667,7 @@ SCORED_AT_ONCE = 2**19  # samples x members scored in one call by `evaluate`
 def evaluate(model, x: Tensor, y: Tensor, batch_size: int) -> list[dict[str, Tensor]]:
     """Per member: loss (= nll), acc, ece, confidence as 0-d tensors, no host sync. y is [K, N]."""
     logits = predict_all(model, x, batch_size, len(y))
+    y = y.to(logits.device)
     # as many members at once as keep the scores' temporaries small (a one-hot [members, N, 15] of int64 for the
     # calibration bins): all of them on MNIST-1D, a few at a time on a 60000-sample training split
     step = max(1, SCORED_AT_ONCE // logits.shape[1])
