@@ -327,6 +327,17 @@ def keep_freed_memory() -> None:
         pass
 
 
+def give_back_freed_memory() -> None:
+    """Once a process has no member left to train, hand the heap memory that `keep_freed_memory` keeps back to the
+    system: the final evaluation's temporaries (the sharpness gradient over every member and training sample) would
+    stay resident while the figures are drawn, in every stack process at once (K=24 MLP stack: 569 -> 394 MB of
+    private memory, measured). No-op where glibc is not the libc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def build_optimizer(stack: Stack, model: nn.Module, regs: Regularization) -> torch.optim.Optimizer:
     """One optimizer for the whole stack, with each member's own hyperparameters in its parameter groups.
 
@@ -721,6 +732,8 @@ def finish_members(ending: list[int], model, data: DataSplits, regs: Regularizat
             record_failure(member, err)
         finally:
             regs.retire(k)
+    if not stack.running():
+        give_back_freed_memory()
     # the figures were drawn meanwhile (side by side, in a stack)
     for k, (summary, figures) in finished.items():
         member = stack.members[k]
