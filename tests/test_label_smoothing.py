@@ -114,4 +114,6 @@ def test_the_training_path_equals_the_closed_form_and_the_builtin(variant):
     torch.testing.assert_close(loss[0], closed_form)
     if variant == "uniform":
         torch.testing.assert_close(loss[0], F.cross_entropy(logits[0], labels[0], label_smoothing=0.2))
-    assert torch.equal(loss[1], F.cross_entropy(logits[1], labels[1]))  # the member without it: untouched
+    # the member without it: untouched, its lone run's plain cross-entropy
+    assert torch.equal(loss[1], Targets(labels[1:], 5).cross_entropy(logits[1:])[0])
+    torch.testing.assert_close(loss[1], F.cross_entropy(logits[1], labels[1]))

@@ -107,8 +107,11 @@ def test_untouched_targets_keep_the_plain_cross_entropy_and_builtin_smoothing_it
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(3, 32, CLASSES, generator=g), torch.randint(CLASSES, (3, 32), generator=g)
     targets = Targets(labels, CLASSES)
-    plain = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(3, 32).mean(1)
-    assert torch.equal(targets.cross_entropy(logits), plain)
+    plain = targets.cross_entropy(logits)
+    reference = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(3, 32).mean(1)
+    torch.testing.assert_close(plain, reference, rtol=1e-6, atol=0)
+    alone = [Targets(labels[k : k + 1], CLASSES).cross_entropy(logits[k : k + 1])[0] for k in range(3)]
+    assert all(torch.equal(plain[k], alone[k]) for k in range(3))  # a member's loss is that of its lone run
     targets.smooth_in_loss(1, 0.1)
     result = losses(targets, logits)
     assert torch.equal(result[0], plain[0]) and torch.equal(result[2], plain[2])
@@ -159,7 +162,7 @@ def test_label_smoothing_then_mixing_in_both_implementations(technique):
     loss = regs.data_loss(logits, targets)
     torch.testing.assert_close(loss[0], soft_cross_entropy(logits[0], expected))
     torch.testing.assert_close(loss[1], loss[0])
-    assert torch.equal(loss[2], F.cross_entropy(logits[2], labels[2]))
+    assert torch.equal(loss[2], Targets(labels[2:], CLASSES).cross_entropy(logits[2:])[0])  # its plain loss
 
 
 def test_alpha_zero_leaves_the_member_untouched():
