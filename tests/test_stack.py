@@ -237,10 +237,8 @@ def test_a_stack_on_several_threads_sums_as_its_lone_runs_do(tmp_path, data_root
         }
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn1d", "resmlp"])
-def test_evaluation_computes_what_training_computes(model):
-    """Evaluation runs without autograd, ReLU in place: its logits must be exactly those of the forward pass that
-    training takes, for inputs as wide as MNIST's (a matmul over 784 inputs)."""
+def wide_stack(model: str, seeds: list[int]):
+    """A stack of `model`, a member per seed, as wide as MNIST's inputs (784; cnn1d: 40), and its input length."""
     from reglab.models import Architecture, build_model
     from reglab.regularizers.dropout import DropoutPlan
 
@@ -250,8 +248,16 @@ def test_evaluation_computes_what_training_computes(model):
         "resmlp": {"width": 32, "blocks": 2, "hidden": []},
     }
     length = 784 if model != "cnn1d" else 40
-    arch = Architecture(input_shape=(1, length), num_classes=10, seeds=[0, 1, 2], dropout=[DropoutPlan()] * 3)
-    stack = build_model({"name": model, "activation": "relu", **cfg[model]}, arch).eval()
+    arch = Architecture((1, length), num_classes=10, seeds=seeds, dropout=[DropoutPlan()] * len(seeds))
+    return build_model({"name": model, "activation": "relu", **cfg[model]}, arch), length
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn1d", "resmlp"])
+def test_evaluation_computes_what_training_computes(model):
+    """Evaluation runs without autograd, ReLU in place: its logits must be exactly those of the forward pass that
+    training takes, for inputs as wide as MNIST's (a matmul over 784 inputs)."""
+    stack, length = wide_stack(model, [0, 1, 2])
+    stack.eval()
     x = torch.randn(3, 3200, 1, length, generator=torch.Generator().manual_seed(0))
     with torch.enable_grad():
         training = stack(x)
@@ -287,17 +293,8 @@ def test_logits_are_the_same_bits_in_chunks_of_any_size(model, monkeypatch):
     """On the CPU a stack is evaluated in chunks of fewer samples than a lone run (`EVALUATED_AT_ONCE`): every
     member's logits must not depend on how many samples are computed beside them, for a stack or alone."""
     from reglab import loop
-    from reglab.models import Architecture, build_model
-    from reglab.regularizers.dropout import DropoutPlan
 
-    cfg = {
-        "mlp": {"hidden": [100, 100]},
-        "cnn1d": {"channels": [8, 16], "kernel_size": [5, 3], "hidden": [32]},
-        "resmlp": {"width": 32, "blocks": 2, "hidden": []},
-    }
-    length = 784 if model != "cnn1d" else 40
-    arch = Architecture(input_shape=(1, length), num_classes=10, seeds=[0, 1, 2], dropout=[DropoutPlan()] * 3)
-    stack = build_model({"name": model, "activation": "relu", **cfg[model]}, arch)
+    stack, length = wide_stack(model, [0, 1, 2])
     x = torch.randn(1001, 1, length, generator=torch.Generator().manual_seed(0))
     whole = loop.predict_all(stack, x, batch_size=4096, members=3)
     # 1001 samples in chunks of at most 1000: 501 and 500, not 1000 and a last one computed by another kernel
@@ -306,9 +303,6 @@ def test_logits_are_the_same_bits_in_chunks_of_any_size(model, monkeypatch):
     for rows in (1000, 100, 37, 6):  # near-equal chunks of about this many samples (5 or 6: never under 3)
         monkeypatch.setattr(loop, "EVALUATED_AT_ONCE", 3 * rows)
         assert torch.equal(loop.predict_all(stack, x, batch_size=4096, members=3), whole), rows
-    alone = build_model(
-        {"name": model, "activation": "relu", **cfg[model]},
-        Architecture((1, length), 10, [1], [DropoutPlan()]),
-    )
+    alone, _ = wide_stack(model, [1])
     monkeypatch.setattr(loop, "EVALUATED_AT_ONCE", 37)
     assert torch.equal(loop.predict_all(alone, x, batch_size=4096, members=1)[0], whole[1])

@@ -377,9 +377,8 @@ def describe_optimizer(optimizer, model: nn.Module, member: int) -> dict:
     """The optimizer member k actually trains with: its class as PyTorch names it and its group settings."""
     groups = [g for g in optimizer.param_groups if member in g["members"]]
     decayed = max(groups, key=lambda g: g["weight_decay"])
-    name = (
-        "Adam" if isinstance(optimizer, torch.optim.Adam) else type(optimizer).__name__
-    )  # FusedAdam is Adam
+    # FusedAdam is torch's Adam, and says so
+    name = "Adam" if isinstance(optimizer, torch.optim.Adam) else type(optimizer).__name__
     if decayed.get("decoupled_weight_decay"):
         name = "AdamW"  # torch.optim.AdamW is exactly Adam with this flag
     keys = ("betas", "eps") if name != "SGD" else ("momentum", "nesterov")
