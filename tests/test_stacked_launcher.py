@@ -468,6 +468,48 @@ def test_the_launcher_takes_the_config_the_sweeper_composed_instead_of_composing
     assert copy.copy(loader).loader is loader.loader  # copyable (no recursion through __getattr__)
 
 
+SWEEP_JOBS = [
+    *(["regularizer=l2", f"regularizer.l2.weight_decay={wd}", f"trainer.seed={seed}"] for wd in (0, 1e-2) for seed in (0, 1)),
+    ["regularizer=dropout", "trainer.seed=1"],
+    ["regularizer=[l2,dropout]", "regularizer.dropout.p=0.3"],
+    ["model=cnn1d", "trainer.seed=2"],
+    ["optimizer=sgd", "optimizer.lr=0.1"],
+    ["regularizer=l2", "~regularizer.l2.mode", "+trainer.note=x"],
+    ["regularizer=l2", "hydra.job.name=other", "model.hidden=[8,8]"],
+    ["regularizer=l2", "trainer.seed=1"],  # a repeat: its defaults and merged files are kept ones
+]
+
+
+def test_composing_jobs_from_kept_defaults_equals_hydras_own_composition():
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.reglab_stacked_launcher import ComposedOnce
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        hydra_loader = GlobalHydra.instance().config_loader()
+        master = hydra_loader.load_configuration(
+            "config", ["hydra/launcher=stacked", "hydra.sweep.dir=sweep"], RunMode.MULTIRUN
+        )
+        loader = ComposedOnce(hydra_loader)
+        for overrides in SWEEP_JOBS:
+            hydras, ours = hydra_loader.load_sweep_config(master, overrides), loader.take(master, overrides)
+            assert OmegaConf.to_yaml(ours) == OmegaConf.to_yaml(hydras), overrides
+            assert OmegaConf.is_struct(ours) and not OmegaConf.is_readonly(ours.hydra)
+            assert ours.hydra.runtime.choices == hydras.hydra.runtime.choices
+        # one defaults list per set of group choices (l2, dropout, [l2,dropout], cnn1d, sgd): the values shared them
+        assert len(loader.same_defaults.defaults) == 5
+        with pytest.raises(ConfigCompositionException) as hydras:
+            hydra_loader.load_sweep_config(master, ["regularizer=l2", "trainer.no_such_key=1"])
+        with pytest.raises(ConfigCompositionException) as ours:
+            loader.take(master, ["regularizer=l2", "trainer.no_such_key=1"])
+        assert str(ours.value) == str(hydras.value)
+        assert hydra_loader._compose_config_from_defaults_list.__self__ is hydra_loader  # Hydra's own again
+
+
 def draw_or_die(value):
     if multiprocessing.parent_process() is not None:
         os._exit(1)  # a drawing process dies mid-figure (a signal, out of memory)

@@ -14,12 +14,16 @@ Every job still ends with its own files and W&B run, as if it had run alone. Hyd
 """
 
 # no `from __future__ import annotations`: Hydra loads plugin modules in a way that breaks dataclasses with it
+import contextlib
+import copy
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra._internal.defaults_list import DefaultsList
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
@@ -89,9 +93,11 @@ class ComposedOnce:
         self.loader = loader
         self.kept: dict[tuple[str, ...], DictConfig] = {}
         self.on_composed = on_composed  # called with the number of configs kept so far
+        self.same_defaults = SameDefaults()
 
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
-        composed = self.loader.load_sweep_config(master_config, sweep_overrides)
+        with self.same_defaults.in_use(self.loader):
+            composed = self.loader.load_sweep_config(master_config, sweep_overrides)
         self.kept[tuple(sweep_overrides)] = composed
         if self.on_composed is not None:
             self.on_composed(len(self.kept))
@@ -100,12 +106,73 @@ class ComposedOnce:
     def take(self, master_config: DictConfig, overrides: list[str]) -> DictConfig:
         """The job's config as the sweeper composed it (handed out once), else freshly composed."""
         kept = self.kept.pop(tuple(overrides), None)
-        return kept if kept is not None else self.loader.load_sweep_config(master_config, overrides)
+        if kept is not None:
+            return kept
+        with self.same_defaults.in_use(self.loader):
+            return self.loader.load_sweep_config(master_config, overrides)
 
     def __getattr__(self, name: str):
         if name == "loader":  # not set yet (a copy being made): no endless recursion
             raise AttributeError(name)
         return getattr(self.loader, name)
+
+
+class SameDefaults:
+    """What Hydra's composition of a sweep's jobs has in common, kept to compose each job once, not twice over.
+
+    Hydra composes every job from scratch: it builds the defaults list from the config-group choices (reading every
+    YAML file again) and merges the files it names (~0.1 s a job), and only then applies the job's own values. The
+    jobs of a grid over values (seeds, strengths: `trainer.seed=0,1,2`) choose the same options, so their defaults
+    lists and merged files are the same: kept here, by the primary config, the search path and every override but
+    the value ones, a later job's composition copies the merged files (~0.01 s) and Hydra applies its values as
+    always. Which override is a value one is Hydra's own rule (`hydra._internal.defaults_list.Overrides`): one
+    whose key is no config group, or whose value is a dict. Tested: equal to Hydra's own composition."""
+
+    def __init__(self) -> None:
+        self.defaults: dict[tuple, DefaultsList] = {}
+        self.merged: dict[int, DictConfig] = {}  # id of a kept defaults list -> the files it names, merged
+
+    @contextlib.contextmanager
+    def in_use(self, loader):
+        """Hydra's composition by `loader`, with its two common steps taken from here (another loader than Hydra's
+        own, whose steps these are, composes as it does)."""
+        from hydra._internal import config_loader_impl
+
+        if not isinstance(loader, config_loader_impl.ConfigLoaderImpl):
+            yield
+            return
+        build, merge = config_loader_impl.create_defaults_list, loader._compose_config_from_defaults_list
+
+        def defaults_list(repo, config_name, overrides_list, prepend_hydra, skip_missing):
+            values = [o for o in overrides_list if is_value_override(repo, o)]
+            choices = tuple(o.input_line for o in overrides_list if not is_value_override(repo, o))
+            searched = tuple((source.provider, source.path) for source in repo.get_sources())
+            key = (config_name, prepend_hydra, skip_missing, searched, choices)
+            if key not in self.defaults:
+                self.defaults[key] = build(repo, config_name, overrides_list, prepend_hydra, skip_missing)
+            kept = self.defaults[key]
+            overrides = copy.copy(kept.overrides)
+            overrides.config_overrides = values
+            return dataclasses.replace(kept, config_overrides=values, overrides=overrides)
+
+        def merged(defaults, repo):
+            if id(defaults) not in self.merged:
+                self.merged[id(defaults)] = merge(defaults=defaults, repo=repo)
+            return copy.deepcopy(self.merged[id(defaults)])
+
+        config_loader_impl.create_defaults_list, loader._compose_config_from_defaults_list = defaults_list, merged
+        try:
+            yield
+        finally:
+            config_loader_impl.create_defaults_list = build
+            del loader._compose_config_from_defaults_list  # the method again
+
+
+def is_value_override(repo, override) -> bool:
+    """Hydra's rule for an override that sets a value rather than choosing a config group's option."""
+    if override.is_sweep_override():
+        return False  # left out by Hydra: never a job's
+    return isinstance(override.value(), dict) or not repo.group_exists(override.key_or_group)
 
 
 def without_hydra(composed: DictConfig) -> DictConfig:
