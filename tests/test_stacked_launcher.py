@@ -469,7 +469,11 @@ def test_the_launcher_takes_the_config_the_sweeper_composed_instead_of_composing
 
 
 SWEEP_JOBS = [
-    *(["regularizer=l2", f"regularizer.l2.weight_decay={wd}", f"trainer.seed={seed}"] for wd in (0, 1e-2) for seed in (0, 1)),
+    *(
+        ["regularizer=l2", f"regularizer.l2.weight_decay={wd}", f"trainer.seed={seed}"]
+        for wd in (0, 1e-2)
+        for seed in (0, 1)
+    ),
     ["regularizer=dropout", "trainer.seed=1"],
     ["regularizer=[l2,dropout]", "regularizer.dropout.p=0.3"],
     ["model=cnn1d", "trainer.seed=2"],

@@ -160,7 +160,10 @@ class SameDefaults:
                 self.merged[id(defaults)] = merge(defaults=defaults, repo=repo)
             return copy.deepcopy(self.merged[id(defaults)])
 
-        config_loader_impl.create_defaults_list, loader._compose_config_from_defaults_list = defaults_list, merged
+        config_loader_impl.create_defaults_list, loader._compose_config_from_defaults_list = (
+            defaults_list,
+            merged,
+        )
         try:
             yield
         finally:
