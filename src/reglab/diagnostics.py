@@ -623,7 +623,7 @@ def plot_reliability(logits: Tensor, targets: Tensor, path: str | Path, n_bins: 
 def plot_weight_histogram(weights: Sequence[Tensor], path: str | Path, n_bins: int = 60) -> Path:
     """weights.png: histogram of |w| (log x axis) over one model's weight tensors (ndim >= 2), with the fraction of
     exact zeros (which a log axis cannot show) in the title and the 1e-3 "small" threshold marked. Returns `path`."""
-    from matplotlib.ticker import NullLocator
+    from matplotlib.ticker import FuncFormatter, NullLocator
 
     weights = [w.detach() for w in weights]
     magnitudes = torch.cat([w.flatten().float().cpu() for w in weights]).abs() if weights else torch.zeros(0)
@@ -639,6 +639,8 @@ def plot_weight_histogram(weights: Sequence[Tensor], path: str | Path, n_bins: i
         axes.stairs(counts.numpy(), edges.numpy(), fill=True, alpha=0.7, label="nonzero weights")
         axes.set_xscale("log")
         axes.xaxis.set_minor_locator(NullLocator())  # ticks at decades only: each tick costs time to draw
+        # "1e-3" in plain text: the default "10^-3" is typeset by mathtext, ~60 ms a figure, a fifth of a run's three
+        axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"1e{math.log10(value):.0f}"))
     axes.axvline(1e-3, color="tab:red", linestyle=":", linewidth=1, label="|w| = 1e-3 (small)")
     axes.set_xlabel("|w|")
     axes.set_ylabel("number of weights")
