@@ -362,3 +362,34 @@ def test_drawing_processes_end_with_the_process_that_owns_them():
             time.sleep(0.1)
     finally:
         owner.kill()
+
+
+def test_sharpness_of_each_member_equals_the_formula_on_its_own_model_over_all_samples_at_once():
+    """diagnostics.sharpness goes over the samples SHARPNESS_CHUNK at a time, all members together; here each member
+    is copied into a plain nn.Sequential and L(w + ρ·g/‖g‖) − L(w) is taken over every sample in one pass."""
+    from reglab.models import StackedLinear
+
+    generators = [torch.Generator().manual_seed(seed) for seed in range(3)]
+    stack = nn.Sequential(StackedLinear(6, 16, generators), nn.Tanh(), StackedLinear(16, 4, generators))
+    samples = 2 * diagnostics.SHARPNESS_CHUNK + 37  # three chunks, the last a short one
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(samples, 6, generator=generator)
+    y = torch.randint(4, (3, samples), generator=generator)
+    before = [p.detach().clone() for p in stack.parameters()]
+    measured = diagnostics.sharpness(stack, [0, 2], x, y, rho=0.5)
+    assert all(torch.equal(p, w) for p, w in zip(stack.parameters(), before, strict=True))  # put back exactly
+    assert measured.keys() == {0, 2}
+    for k in (0, 2):
+        alone = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+        with torch.no_grad():
+            for layer, stacked in ((alone[0], stack[0]), (alone[2], stack[2])):
+                layer.weight.copy_(stacked.weight[k]), layer.bias.copy_(stacked.bias[k])
+        loss = F.cross_entropy(alone(x.double()), y[k])
+        grads = torch.autograd.grad(loss, list(alone.parameters()))
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        with torch.no_grad():
+            for p, g in zip(alone.parameters(), grads, strict=True):
+                p.add_(g * 0.5 / norm)
+            expected = F.cross_entropy(alone(x.double()), y[k]) - loss
+        assert expected > 1e-3  # a step of ρ = 0.5 up the gradient raises the loss
+        assert measured[k] == pytest.approx(expected.item(), rel=1e-4)
