@@ -45,6 +45,17 @@ def test_the_requeue_signal_wins_and_a_second_ctrl_c_stops_at_once():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_every_stop_is_also_passed_on_a_second_ctrl_c_before_it_stops_at_once():
+    # the stacked launcher trains one stack in its own process and passes each stop on to the others' processes
+    state, passed = State(), []
+    with stop_on_signals(state, passed.append):
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert passed == [signal.SIGTERM, signal.SIGINT, signal.SIGINT] and state.stop_requested == "SIGINT"
+
+
 def test_a_stop_that_came_while_blocked_reaches_the_handlers_once_they_are_in_place():
     # a stack's process blocks the stop signals until it trains: one sent in between must not be lost
     state = State()

@@ -190,7 +190,7 @@ def test_a_stack_whose_process_dies_fails_its_own_jobs_and_no_others(tmp_path, d
     for job in (0, 2):  # both stacks train
         wait_for_epochs(process, sweep / str(job) / "metrics.jsonl", 2)
     stacks = stack_processes(process.pid)
-    assert len(stacks) == 2
+    assert len(stacks) == 1  # the launcher's process trains the other stack itself
     os.kill(stacks[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, (out, err)

@@ -111,15 +111,16 @@ def train_members(
     return objectives
 
 
-def train_one_stack(number: int, members: dict, sweep_dir: str) -> dict[int, float]:
-    """Train one stack (job number -> Member) and print a line per job; returns each job's objective."""
+def train_one_stack(number: int, members: dict, sweep_dir: str, pass_stop_on=None) -> dict[int, float]:
+    """Train one stack (job number -> Member) and print a line per job; returns each job's objective. A stop signal
+    is also handed to `pass_stop_on(signum)` (the launcher passes it on to the stacks training elsewhere)."""
     from reglab.loop import objective, train_stack
     from reglab.preemption import after_finished_runs, after_stack_interrupt
 
     jobs = list(members)
     print(f"[reglab] stack {number}: {len(jobs)} jobs ({', '.join(map(str, jobs))}) training", flush=True)
     try:
-        results = train_stack(list(members.values()))
+        results = train_stack(list(members.values()), pass_stop_on)
     # e.g. a data set that cannot be read: this stack's jobs fail, the others go on
     except BAD_INPUT as err:
         print(f"reglab: error: {err}", file=sys.stderr)

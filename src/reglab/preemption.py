@@ -72,14 +72,18 @@ PR_SET_PDEATHSIG = 1
 
 
 @contextlib.contextmanager
-def stop_on_signals(state):
+def stop_on_signals(state, pass_on=None):
     """While the block runs, SIGTERM, SIGINT and submitit's requeue signal set `state.stop_requested` (the loop
-    checkpoints and stops at the end of the epoch); the handlers found before come back afterwards."""
+    checkpoints and stops at the end of the epoch) and, first, go to `pass_on(signum)` where one is given (the
+    stacked launcher's, for the stacks training in other processes); the handlers found before come back
+    afterwards."""
     requeue = requeue_signal()
     ctrl_c_seen = False
 
     def request_stop(signum, frame):
         nonlocal ctrl_c_seen
+        if pass_on is not None:
+            pass_on(signum)  # a second Ctrl-C too: the other stacks stop at once as well
         if signum == signal.SIGINT:
             if ctrl_c_seen:  # a second Ctrl-C: stop at once
                 raise KeyboardInterrupt

@@ -237,16 +237,17 @@ class StackedLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def jobs_composed(self, count: int) -> None:
-        """Once the sweep has jobs enough for two stacks side by side, start their processes: they load torch on the
-        cores that Hydra, composing the rest of the jobs on one, leaves idle."""
+        """Once the sweep has jobs enough for two stacks side by side, start the second one's process: it loads
+        torch on a core that Hydra, composing the rest of the jobs on one, leaves idle (this process trains the
+        first stack itself: `stacking.train_in_processes`)."""
         from reglab.stacking import MIN_SPLIT, resolve_processes, start_stack_processes
 
         if self.started or count != 2 * MIN_SPLIT:
             return
         processes = resolve_processes(self.processes, {str(self.config.trainer.device)})
-        # two, as many as 2 x MIN_SPLIT jobs can use; a larger sweep starts more when it needs them
+        # one, as many as 2 x MIN_SPLIT jobs can use; a larger sweep starts more when it needs them
         if processes > 1:
-            self.started = start_stack_processes(2)
+            self.started = start_stack_processes(1)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from reglab.cli import train_members
