@@ -4,7 +4,8 @@
   basic launcher does it (its directory, `.hydra/` files and callbacks, through `run_job`), but instead of training
   each job there the launcher collects them, groups compatible ones (`reglab.stacking`) into stacks of at most
   `max_stack`, and trains each stack as one batched model (`reglab.loop.train_stack`): on the CPU one stack per
-  core side by side, each in a process of its own (`processes`), on a GPU one after another in this process.
+  core side by side (`processes`; this process trains one of them, each other one trains in a process of its
+  own), on a GPU one after another in this process.
 - `hydra/launcher=stacked_slurm`: the same stacks, each one SLURM job submitted through submitit (hydra-submitit-
   launcher's settings: partition, time limit, ...), so that a 1000-job sweep is a few dozen SLURM jobs. A stack
   that hits its time limit or is pre-empted checkpoints every member and is requeued as a whole.
@@ -214,7 +215,7 @@ def checked_processes(value) -> int | str:
         return value
     print(
         f"reglab: error: hydra.launcher.processes={value!r}: must be an integer >= 1 or auto "
-        "(the stacks trained side by side, each in a process of its own)",
+        "(how many stacks train side by side)",
         file=sys.stderr,
     )
     raise SystemExit(2)
