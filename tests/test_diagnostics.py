@@ -393,3 +393,19 @@ def test_sharpness_of_each_member_equals_the_formula_on_its_own_model_over_all_s
             expected = F.cross_entropy(alone(x.double()), y[k]) - loss
         assert expected > 1e-3  # a step of ρ = 0.5 up the gradient raises the loss
         assert measured[k] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_sharpness_of_a_diverged_member_is_nan_and_leaves_the_others_alone():
+    from reglab.models import StackedLinear
+
+    generators = [torch.Generator().manual_seed(seed) for seed in range(3)]
+    stack = nn.Sequential(StackedLinear(6, 16, generators), nn.Tanh(), StackedLinear(16, 4, generators))
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(diagnostics.SHARPNESS_CHUNK + 5, 6, generator=generator)
+    y = torch.randint(4, (3, len(x)), generator=generator)
+    healthy = diagnostics.sharpness(stack, [0, 2], x, y)
+    with torch.no_grad():
+        stack[0].weight[1, 0, 0] = math.nan
+    measured = diagnostics.sharpness(stack, [0, 1, 2], x, y)
+    assert math.isnan(measured[1]) and {k: measured[k] for k in (0, 2)} == healthy
+    assert torch.isnan(stack[0].weight[1, 0, 0]) and torch.isfinite(stack[0].weight[[0, 2]]).all()

@@ -21,7 +21,13 @@ from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import DelayedSubmission, JobPaths
 
 from reglab import preemption
-from reglab.preemption import Interrupted, after_interrupt, resume_when_requeued, stop_on_signals
+from reglab.preemption import (
+    Interrupted,
+    StopRelay,
+    after_interrupt,
+    resume_when_requeued,
+    stop_on_signals,
+)
 from reglab.report import write_report
 from tests.conftest import ROOT, read_metrics, read_summary, run_train
 
@@ -45,15 +51,32 @@ def test_the_requeue_signal_wins_and_a_second_ctrl_c_stops_at_once():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_every_stop_is_also_passed_on_a_second_ctrl_c_before_it_stops_at_once():
+def test_every_stop_is_also_relayed_a_second_ctrl_c_before_it_stops_at_once():
     # the stacked launcher trains one stack in its own process and passes each stop on to the others' processes
-    state, passed = State(), []
-    with stop_on_signals(state, passed.append):
+    state, relay = State(), StopRelay({})
+    with stop_on_signals(state, relay):
         signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
-    assert passed == [signal.SIGTERM, signal.SIGINT, signal.SIGINT] and state.stop_requested == "SIGINT"
+    assert (
+        relay.received == [signal.SIGTERM, signal.SIGINT, signal.SIGINT] and state.stop_requested == "SIGINT"
+    )
+
+
+def test_a_stop_the_launcher_received_before_its_own_stack_set_its_handlers_up_stops_that_stack_too():
+    state, relay = State(), StopRelay({})
+    relay(signal.SIGINT)  # in the launcher's handler, while it prepared the stack
+    with stop_on_signals(state, relay):
+        assert state.stop_requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):  # the next Ctrl-C is the second
+            signal.raise_signal(signal.SIGINT)
+    assert relay.received == [signal.SIGINT, signal.SIGINT]
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):  # two before: stop at once
+        with stop_on_signals(State(), relay):
+            pass
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_stop_that_came_while_blocked_reaches_the_handlers_once_they_are_in_place():

@@ -155,7 +155,7 @@ def test_a_stacked_job_equals_its_lone_run_bit_for_bit(alone_and_stacked, name):
     # trainer.threads=auto: the lone run on one thread, the stack on one per member up to the cores, so on a machine
     # with several cores this also shows that the thread count leaves a member's results alone
     assert lone["threads"] == 1 and summary["threads"] == min(stack_size, len(os.sched_getaffinity(0)))
-    # sharpness (a diagnostic of the final model, one gradient over all training samples at once) agrees to rounding
+    # sharpness (a diagnostic of the final model, one gradient over all training samples) agrees to rounding
     # only: with spectral norm's transform in the stack, that large reduction's gradient rounds differently
     assert summary["sharpness"] == pytest.approx(lone["sharpness"], rel=1e-4, abs=1e-7)
     varying = ("wall_time_s", "train_time_s", "stack", "run_dir", "sharpness", "threads")

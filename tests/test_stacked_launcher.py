@@ -552,6 +552,29 @@ def test_stacks_trained_one_after_another_count_each_jobs_time_from_its_own_stac
         assert read_metrics(tmp_path / str(k))[0]["time_s"] < 100
 
 
+def test_more_stacks_than_processes_train_in_this_process_and_in_stack_processes_with_the_same_records(
+    tmp_path, data_root
+):
+    """3 stacks on 2 processes: this process trains the first and takes the next whenever it is free, a stack
+    process the others; every job's records equal those of the same stacks trained one after another here."""
+    from reglab.cli import train_members
+
+    records = {}
+    for processes in (2, 1):
+        where = tmp_path / f"processes={processes}"
+        where.mkdir()
+        members = seeds_as_members(where, data_root, 3, "trainer.epochs=2", "dataset.n_train=300", *QUICK)
+        assert train_members(members, max_stack=1, sweep_dir=str(where), processes=processes).keys() == {
+            0,
+            1,
+            2,
+        }
+        records[processes] = [without_time(read_metrics(where / str(k))) for k in range(3)]
+        assert [read_summary(where / str(k))["status"] for k in range(3)] == ["completed"] * 3
+    assert records[2] == records[1]
+    assert multiprocessing.active_children() == []  # every stack process has ended
+
+
 def test_a_stack_asks_wandb_online_once_even_when_no_run_starts_at_all(tmp_path, data_root, monkeypatch):
     from reglab import loop
     from reglab.regularizers import build_regularization

@@ -79,8 +79,9 @@ def prepare_member(cfg: DictConfig):
 def train_members(
     members: dict, max_stack: int, sweep_dir: str, processes: int | str = 1, started: list | None = None
 ) -> dict[int, float]:
-    """Train prepared jobs (job number -> Member) in stacks, `processes` of them side by side (each in a process of
-    its own, `started` ones first; 1: one after another in this process); returns each job's objective."""
+    """Train prepared jobs (job number -> Member) in stacks, `processes` of them side by side (this process trains
+    one, the others each train in a process of their own, `started` ones first; 1: one after another in this
+    process); returns each job's objective."""
     from reglab.stacking import group_into_stacks, release, resolve_processes, train_in_processes
 
     processes = resolve_processes(processes, {m.cfg["trainer"]["device"] for m in members.values()})
@@ -111,16 +112,16 @@ def train_members(
     return objectives
 
 
-def train_one_stack(number: int, members: dict, sweep_dir: str, pass_stop_on=None) -> dict[int, float]:
+def train_one_stack(number: int, members: dict, sweep_dir: str, relay=None) -> dict[int, float]:
     """Train one stack (job number -> Member) and print a line per job; returns each job's objective. A stop signal
-    is also handed to `pass_stop_on(signum)` (the launcher passes it on to the stacks training elsewhere)."""
+    also goes to the stacked launcher's `relay`, where one is given (`preemption.StopRelay`)."""
     from reglab.loop import objective, train_stack
     from reglab.preemption import after_finished_runs, after_stack_interrupt
 
     jobs = list(members)
     print(f"[reglab] stack {number}: {len(jobs)} jobs ({', '.join(map(str, jobs))}) training", flush=True)
     try:
-        results = train_stack(list(members.values()), pass_stop_on)
+        results = train_stack(list(members.values()), relay)
     # e.g. a data set that cannot be read: this stack's jobs fail, the others go on
     except BAD_INPUT as err:
         print(f"reglab: error: {err}", file=sys.stderr)

@@ -132,9 +132,9 @@ def train(cfg: dict, run_dir: Path, job: Job) -> float:
     return train_stack([Member(cfg=cfg, run_dir=Path(run_dir), job=job)])[0]
 
 
-def train_stack(members: list[Member], pass_stop_on=None) -> list[float]:
+def train_stack(members: list[Member], relay=None) -> list[float]:
     """Train the members side by side; returns each one's validation objective (NaN for a failed member). A stop
-    signal while they train also goes to `pass_stop_on(signum)` where one is given (`preemption.stop_on_signals`)."""
+    signal while they train also goes to the stacked launcher's `relay`, where one is given (`stop_on_signals`)."""
     todo = [m for m in members if not already_finished(m)]
     for m in todo:  # the jobs trained together (on a resume, those that had not finished)
         m.job.stack = {**(m.job.stack or {}), "size": len(todo)}
@@ -142,7 +142,7 @@ def train_stack(members: list[Member], pass_stop_on=None) -> list[float]:
         stack = Stack(members=todo, trainer=todo[0].cfg["trainer"])
         try:
             # a signal during set-up stops the stack at the end of its first epoch
-            with stop_on_signals(stack, pass_stop_on):
+            with stop_on_signals(stack, relay):
                 model, data, optimizer, regs = prepare(stack)
                 start_records(stack, regs)
                 fit(model, data, optimizer, regs, stack)

@@ -32,6 +32,7 @@ import os
 import shlex
 import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REQUEUE_MARKER = "requeued.txt"  # in the run directory: "resume at the next start" (submitit's local requeue)
@@ -71,19 +72,34 @@ def signal_when_parent_dies(sig: int, parent: int) -> None:
 PR_SET_PDEATHSIG = 1
 
 
+@dataclass
+class StopRelay:
+    """The stacked launcher's stop signals: each one its process receives is passed on to every stack process
+    running (`processes`: sentinel -> (process, ...)) and kept (`received`), for the stack that process trains
+    itself (`stop_on_signals`) and for its own exit status."""
+
+    processes: dict
+    received: list[int] = field(default_factory=list)
+
+    def __call__(self, signum: int, frame=None) -> None:
+        self.received.append(signum)
+        for process, *_ in list(self.processes.values()):  # a copy: a thread hands stacks over meanwhile
+            with contextlib.suppress(ValueError, ProcessLookupError):  # ended (closed) in between
+                if process.exitcode is None:
+                    os.kill(process.pid, signum)
+
+
 @contextlib.contextmanager
-def stop_on_signals(state, pass_on=None):
+def stop_on_signals(state, relay: StopRelay | None = None):
     """While the block runs, SIGTERM, SIGINT and submitit's requeue signal set `state.stop_requested` (the loop
-    checkpoints and stops at the end of the epoch) and, first, go to `pass_on(signum)` where one is given (the
-    stacked launcher's, for the stacks training in other processes); the handlers found before come back
-    afterwards."""
+    checkpoints and stops at the end of the epoch); the handlers found before come back afterwards. With a `relay`
+    (the stacked launcher's process training one stack while others train in processes of their own) each one is
+    passed on first, and those it received before these handlers were in place count as if they came now."""
     requeue = requeue_signal()
     ctrl_c_seen = False
 
-    def request_stop(signum, frame):
+    def note(signum):
         nonlocal ctrl_c_seen
-        if pass_on is not None:
-            pass_on(signum)  # a second Ctrl-C too: the other stacks stop at once as well
         if signum == signal.SIGINT:
             if ctrl_c_seen:  # a second Ctrl-C: stop at once
                 raise KeyboardInterrupt
@@ -92,6 +108,12 @@ def stop_on_signals(state, pass_on=None):
         if state.stop_requested != requeue.name:
             state.stop_requested = signal.Signals(signum).name
 
+    def request_stop(signum, frame):
+        if relay is not None:
+            relay(signum)  # a second Ctrl-C too: the other stacks stop at once as well
+        note(signum)
+
+    early = list(relay.received) if relay is not None else []
     previous = {}
     for sig in dict.fromkeys((signal.SIGTERM, signal.SIGINT, requeue)):
         # only the main thread may set handlers (a launcher may run jobs in other threads): skip them there
@@ -100,6 +122,8 @@ def stop_on_signals(state, pass_on=None):
     # one that came while they were blocked (a stack's process blocks them until it trains) arrives now, here
     signal.pthread_sigmask(signal.SIG_UNBLOCK, previous)
     try:
+        for signum in early:
+            note(signum)
         yield
     finally:
         for sig, handler in previous.items():

@@ -27,7 +27,9 @@ import multiprocessing.connection
 import os
 import signal
 import statistics
+import threading
 import time
+import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -240,93 +242,47 @@ def train_in_processes(
     """Train the stacks side by side, at most `processes` at once, in the order given (`group_into_stacks` puts
     the most work first), the cores shared between them; returns each job's objective.
 
-    When they all fit in one round (no more stacks than `processes`), this process trains the first stack itself
-    and each other one trains in a process of its own (`started` ones first): one torch fewer in memory (~0.3 GB
-    for the 48-job grid's two stacks) and one fewer to start. With more stacks than that, every stack trains in a
-    process of its own, the next one handed to whichever finishes first.
+    This process trains the first stack itself and then, while any is left, the next; each other one trains in a
+    process of its own (`started` ones first), handed out by a thread of this process as processes come free
+    (`OtherStacks`): one torch fewer in memory than a process for every stack (~0.3 GB), and one fewer to start.
+    A stack's process writes its members' records exactly as a stack trained in this process would; the
+    objectives are read back from their summaries.
 
-    A stack's process writes its members' records exactly as a stack trained in this process would; the objectives
-    are read back from their summaries. A stop signal (Ctrl-C, SIGTERM, the requeue signal) goes on to every
-    running stack, this one's included, which checkpoints its members at the end of its epoch, and no further stack
-    starts; then this process exits as an interrupted stack does. A stack whose process dies (out of memory,
-    killed) fails its own unfinished members and no one else's."""
-    from reglab.checkpoint import skipped_on_resume
+    A stop signal (Ctrl-C, SIGTERM, the requeue signal) goes on to every running stack, this one's included, which
+    checkpoints its members at the end of its epoch, and no further stack starts; then this process exits as an
+    interrupted stack does. A stack whose process dies (out of memory, killed) fails its own unfinished members and
+    no one else's; an error that trainer.on_error=raise passes on, in any stack, fails the sweep once the others
+    have ended."""
     from reglab.loop import usable_cores
 
     cores = max(1, usable_cores() // processes)
-    here = stacks[0] if len(stacks) <= processes else None
-    waiting = list(range(len(stacks)))[1 if here else 0 :]
-    workers = processes - (1 if here else 0)
-    idle = list(started or [])
-    release(idle[workers:])  # more were started than there are stacks for
-    idle = idle[:workers]
-    # sentinel -> (process, stack number, when it was handed over, its jobs that had finished before)
-    running: dict[int, tuple[multiprocessing.Process, int, float, set[int]]] = {}
-    stops: list[int] = []  # the stop signals received
-
-    def stop(signum, frame=None):
-        stops.append(signum)
-        for process, *_ in running.values():
-            if process.exitcode is None:
-                os.kill(process.pid, signum)
-
-    def hand_over_waiting():
-        while waiting and len(running) < workers and not stops:
-            number = waiting.pop(0)
-            jobs = [(idx, members[idx].cfg, members[idx].run_dir, members[idx].job) for idx in stacks[number]]
-            # the jobs its process will skip (`loop.already_finished`): without resume it trains them again
-            finished = {idx for idx in stacks[number] if skipped_on_resume(members[idx])}
-            process = hand_over(idle, (number, jobs, sweep_dir, cores))
-            running[process.sentinel] = (process, number, time.time(), finished)
-            if stops:  # a stop came while it was handed over: pass it on now
-                os.kill(process.pid, stops[0])
-
-    raised = []  # stacks whose process ended on an error that trainer.on_error=raise asks to pass on
-    with stop_signals_calling(stop), stopping_stacks_on_error(running):
-        hand_over_waiting()
-        if here is not None and not stops:
-            try:
-                train_here(here, members, sweep_dir, cores, pass_stop_on=stop)
-            except (
-                SystemExit
-            ) as interrupted:  # its checkpoints are written (`preemption.after_stack_interrupt`)
-                if interrupted.code not in stop_codes():
-                    raise
-                if not stops:  # (a stop that reaches this process is passed on as it comes: never twice)
-                    stop(interrupted.code - 128)
-        while running or (waiting and not stops):
-            hand_over_waiting()
-            for sentinel in multiprocessing.connection.wait(list(running)) if running else []:
-                process, number, handed_over, finished = running.pop(sentinel)
-                process.join()
-                code = process.exitcode
-                process.close()
-                # a stack stopped on a signal: the sweep stops, as in one process
-                if code in stop_codes() and not stops:
-                    stop(code - 128)
-                elif code != 0 and not stops:
-                    stack = [members[idx] for idx in stacks[number] if idx not in finished]
-                    fail_unfinished_members(stack, number, code, handed_over)
-                    if any(m.cfg["trainer"]["on_error"] == "raise" for m in stack):
-                        raised.append(number)
-            if not waiting:
-                release(idle)
-                idle = []
-    release(idle)
+    others = OtherStacks(stacks, members, sweep_dir, cores, processes - 1, list(started or []))
+    with stop_signals_calling(others.relay), stopping_stacks_on_error(others.running):
+        others.start()
+        number = 0 if not others.relay.received else None
+        while number is not None:
+            train_here(number, stacks[number], members, sweep_dir, cores, others)
+            number = others.take()
+        others.join()
+    if others.error is not None:
+        raise others.error
     objectives = {idx: objective_on_disk(members[idx].run_dir) for jobs in stacks for idx in jobs}
-    if stops:
-        raise SystemExit(128 + stops[0])
-    # as an error in a stack trained in this process would, it fails the sweep (here after the others ended)
-    if raised:
+    if others.relay.received:
+        raise SystemExit(128 + others.relay.received[0])
+    # as an error in a stack trained in one process would, it fails the sweep (here after the others ended)
+    if others.raised:
         raise RuntimeError(
-            f"stack(s) {raised} failed with trainer.on_error=raise; their errors are printed above"
+            f"stack(s) {others.raised} failed with trainer.on_error=raise; their errors are printed above"
         )
     return objectives
 
 
-def train_here(jobs: list[int], members: dict, sweep_dir: str, cores: int, pass_stop_on) -> None:
-    """Train stack 0 in this process as a stack's own process would (`stack_process`) while the others train in
-    theirs; a stop signal that comes meanwhile is also passed on to them (`pass_stop_on`)."""
+def train_here(
+    number: int, jobs: list[int], members: dict, sweep_dir: str, cores: int, others: OtherStacks
+) -> None:
+    """Train a stack in this process as a stack's own process would (`stack_process`) while the others train in
+    theirs. However it ends, the others go on to their own end: interrupted (its checkpoints written, the stop
+    passed on to them as it came), or on an error that trainer.on_error=raise passes on (kept for the end)."""
     from reglab.cli import train_one_stack
 
     for idx in jobs:
@@ -334,19 +290,108 @@ def train_here(jobs: list[int], members: dict, sweep_dir: str, cores: int, pass_
         members[idx].started = time.perf_counter()  # its clock starts with its stack, not with the sweep
     gc.collect()
     gc.freeze()  # as `cli.train_members` does: torch's long-lived objects out of the collector's sight
-    train_one_stack(0, {idx: members[idx] for idx in jobs}, sweep_dir, pass_stop_on)
+    try:
+        train_one_stack(number, {idx: members[idx] for idx in jobs}, sweep_dir, others.relay)
+    except SystemExit as interrupted:  # `preemption.after_stack_interrupt` or `after_finished_runs`
+        if interrupted.code not in stop_codes():
+            raise
+    except KeyboardInterrupt:  # a second Ctrl-C, passed on too: the other stacks stop at once as this one did
+        pass
+    except Exception:  # as a stack process ending on the error would: printed, the sweep failed at the end
+        traceback.print_exc()
+        others.raised.append(number)
+
+
+class OtherStacks(threading.Thread):
+    """A thread of the launcher's process that hands the stacks after the first to processes of their own, at most
+    `slots` at once, each as one comes free, and waits for them; the process itself trains the first stack and
+    `take`s the next one left whenever it is done. A stack process that ends on a stop signal sent to it alone
+    stops the sweep: the signal goes on to this process."""
+
+    def __init__(self, stacks, members: dict, sweep_dir: str, cores: int, slots: int, idle: list):
+        from reglab.preemption import StopRelay
+
+        super().__init__(name="reglab stack processes", daemon=True)
+        self.stacks, self.members, self.sweep_dir = stacks, members, sweep_dir
+        self.cores, self.slots = cores, slots
+        self.waiting = list(range(1, len(stacks)))
+        self.lock = threading.Lock()  # for `waiting`: this thread and the launcher's process take from it
+        release(idle[slots:])  # more were started than can train at once
+        self.idle = idle[:slots]
+        # sentinel -> (process, stack number, when it was handed over, its jobs that had finished before)
+        self.running: dict[int, tuple[multiprocessing.Process, int, float, set[int]]] = {}
+        self.relay = StopRelay(self.running)
+        self.raised: list[int] = []  # stacks that ended on an error that trainer.on_error=raise passes on
+        self.error: BaseException | None = None  # this thread's own
+
+    def run(self) -> None:
+        try:
+            while self.running or (self.waiting and not self.relay.received):
+                self.hand_over_waiting()
+                for sentinel in multiprocessing.connection.wait(list(self.running)) if self.running else []:
+                    self.ended(*self.running.pop(sentinel))
+                if not self.waiting:
+                    release(self.idle)
+                    self.idle = []
+        except BaseException as err:  # e.g. no process could start: the running ones checkpoint and stop
+            self.error = err
+            stop_all(self.running)
+        finally:
+            release(self.idle)
+
+    def take(self) -> int | None:
+        """The next stack left to train, or None: none is left, or a stop came."""
+        with self.lock:
+            return self.waiting.pop(0) if self.waiting and not self.relay.received else None
+
+    def hand_over_waiting(self) -> None:
+        from reglab.checkpoint import skipped_on_resume
+
+        while len(self.running) < self.slots and (number := self.take()) is not None:
+            members = [self.members[idx] for idx in self.stacks[number]]
+            jobs = [
+                (idx, m.cfg, m.run_dir, m.job) for idx, m in zip(self.stacks[number], members, strict=True)
+            ]
+            # the jobs its process will skip (`loop.already_finished`): without resume it trains them again
+            finished = {
+                idx for idx, m in zip(self.stacks[number], members, strict=True) if skipped_on_resume(m)
+            }
+            process = hand_over(self.idle, (number, jobs, self.sweep_dir, self.cores))
+            self.running[process.sentinel] = (process, number, time.time(), finished)
+            if self.relay.received:  # a stop came while it was handed over: pass it on now
+                os.kill(process.pid, self.relay.received[0])
+
+    def ended(self, process: multiprocessing.Process, number: int, handed_over: float, finished: set) -> None:
+        process.join()
+        code = process.exitcode
+        process.close()
+        if self.relay.received:
+            return  # stopped with the others (a second Ctrl-C stops a stack at once: not a failure)
+        if code in stop_codes():  # stopped on a signal sent to it alone: the sweep stops, as in one process
+            os.kill(os.getpid(), code - 128)  # this process's handler passes it on, to its own stack too
+        elif code != 0:
+            stack = [self.members[idx] for idx in self.stacks[number] if idx not in finished]
+            fail_unfinished_members(stack, number, code, handed_over)
+            if any(m.cfg["trainer"]["on_error"] == "raise" for m in stack):
+                self.raised.append(number)
+
+
+def stop_all(running: dict) -> None:
+    """SIGTERM to every running stack process: each checkpoints its members and stops."""
+    for process, *_ in list(running.values()):
+        with contextlib.suppress(ValueError, ProcessLookupError):  # ended (closed) in between
+            if process.exitcode is None:
+                os.kill(process.pid, signal.SIGTERM)
 
 
 @contextlib.contextmanager
 def stopping_stacks_on_error(running: dict):
-    """An error in this loop itself stops the running stacks (each checkpoints) instead of leaving this process to
+    """An error in this process's own work stops the running stacks (each checkpoints) instead of leaving it to
     wait at exit for them to train to the end."""
     try:
         yield
     except BaseException:
-        for process, *_ in running.values():
-            if process.exitcode is None:
-                os.kill(process.pid, signal.SIGTERM)
+        stop_all(running)
         raise
 
 
