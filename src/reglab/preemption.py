@@ -75,7 +75,7 @@ PR_SET_PDEATHSIG = 1
 @dataclass
 class StopRelay:
     """The stacked launcher's stop signals: each one its process receives is passed on to every stack process
-    running (`processes`: sentinel -> (process, ...)) and kept (`received`), for the stack that process trains
+    running (`processes`: sentinel -> (process, pid, ...)) and kept (`received`), for the stack that process trains
     itself (`stop_on_signals`) and for its own exit status."""
 
     processes: dict
@@ -83,10 +83,15 @@ class StopRelay:
 
     def __call__(self, signum: int, frame=None) -> None:
         self.received.append(signum)
-        for process, *_ in list(self.processes.values()):  # a copy: a thread hands stacks over meanwhile
-            with contextlib.suppress(ValueError, ProcessLookupError):  # ended (closed) in between
-                if process.exitcode is None:
-                    os.kill(process.pid, signum)
+        pass_on(signum, self.processes)
+
+
+def pass_on(signum: int, processes: dict) -> None:
+    """`signum` to each stack process (sentinel -> (process, pid, ...)); by pid alone: a signal handler must not
+    touch a Process that another thread joins and closes meanwhile."""
+    for _, pid, *_ in list(processes.values()):  # a copy: a thread hands stacks over meanwhile
+        with contextlib.suppress(ProcessLookupError):  # it has ended
+            os.kill(pid, signum)
 
 
 @contextlib.contextmanager
@@ -108,17 +113,21 @@ def stop_on_signals(state, relay: StopRelay | None = None):
         if state.stop_requested != requeue.name:
             state.stop_requested = signal.Signals(signum).name
 
+    relayed_here = []
+
     def request_stop(signum, frame):
         if relay is not None:
+            relayed_here.append(signum)
             relay(signum)  # a second Ctrl-C too: the other stacks stop at once as well
         note(signum)
 
-    early = list(relay.received) if relay is not None else []
     previous = {}
     for sig in dict.fromkeys((signal.SIGTERM, signal.SIGINT, requeue)):
         # only the main thread may set handlers (a launcher may run jobs in other threads): skip them there
         with contextlib.suppress(ValueError):
             previous[sig] = signal.signal(sig, request_stop)
+    # those the launcher's own handler received before (any that came since went through `request_stop`)
+    early = relay.received[: len(relay.received) - len(relayed_here)] if relay is not None else []
     # one that came while they were blocked (a stack's process blocks them until it trains) arrives now, here
     signal.pthread_sigmask(signal.SIG_UNBLOCK, previous)
     try:

@@ -257,7 +257,7 @@ def train_in_processes(
 
     cores = max(1, usable_cores() // processes)
     others = OtherStacks(stacks, members, sweep_dir, cores, processes - 1, list(started or []))
-    with stop_signals_calling(others.relay), stopping_stacks_on_error(others.running):
+    with stop_signals_calling(others.relay), stopping_stacks_on_error(others):
         others.start()
         number = 0 if not others.relay.received else None
         while number is not None:
@@ -318,31 +318,40 @@ class OtherStacks(threading.Thread):
         self.lock = threading.Lock()  # for `waiting`: this thread and the launcher's process take from it
         release(idle[slots:])  # more were started than can train at once
         self.idle = idle[:slots]
-        # sentinel -> (process, stack number, when it was handed over, its jobs that had finished before)
-        self.running: dict[int, tuple[multiprocessing.Process, int, float, set[int]]] = {}
+        # sentinel -> (process, its pid, stack number, when it was handed over, its jobs that had finished before)
+        self.running: dict[int, tuple[multiprocessing.Process, int, int, float, set[int]]] = {}
         self.relay = StopRelay(self.running)
         self.raised: list[int] = []  # stacks that ended on an error that trainer.on_error=raise passes on
         self.error: BaseException | None = None  # this thread's own
+        # no further stack starts: a stack process stopped on its own, or this thread or the launcher's process
+        # failed (the stops received are in `relay.received`)
+        self.stopping = False
 
     def run(self) -> None:
         try:
-            while self.running or (self.waiting and not self.relay.received):
+            while self.running or (self.waiting and not self.stopped()):
                 self.hand_over_waiting()
                 for sentinel in multiprocessing.connection.wait(list(self.running)) if self.running else []:
                     self.ended(*self.running.pop(sentinel))
                 if not self.waiting:
                     release(self.idle)
                     self.idle = []
-        except BaseException as err:  # e.g. no process could start: the running ones checkpoint and stop
+        except BaseException as err:  # e.g. no process could start: every stack checkpoints and stops
             self.error = err
-            stop_all(self.running)
+            if not self.stopping:
+                self.stopping = True
+                # the launcher's handler passes it on, to its own stack too
+                os.kill(os.getpid(), signal.SIGTERM)
         finally:
             release(self.idle)
+
+    def stopped(self) -> bool:
+        return self.stopping or bool(self.relay.received)
 
     def take(self) -> int | None:
         """The next stack left to train, or None: none is left, or a stop came."""
         with self.lock:
-            return self.waiting.pop(0) if self.waiting and not self.relay.received else None
+            return self.waiting.pop(0) if self.waiting and not self.stopped() else None
 
     def hand_over_waiting(self) -> None:
         from reglab.checkpoint import skipped_on_resume
@@ -357,41 +366,38 @@ class OtherStacks(threading.Thread):
                 idx for idx, m in zip(self.stacks[number], members, strict=True) if skipped_on_resume(m)
             }
             process = hand_over(self.idle, (number, jobs, self.sweep_dir, self.cores))
-            self.running[process.sentinel] = (process, number, time.time(), finished)
+            self.running[process.sentinel] = (process, process.pid, number, time.time(), finished)
             if self.relay.received:  # a stop came while it was handed over: pass it on now
                 os.kill(process.pid, self.relay.received[0])
 
-    def ended(self, process: multiprocessing.Process, number: int, handed_over: float, finished: set) -> None:
+    def ended(self, process, pid: int, number: int, handed_over: float, finished: set) -> None:
         process.join()
         code = process.exitcode
         process.close()
-        if self.relay.received:
-            return  # stopped with the others (a second Ctrl-C stops a stack at once: not a failure)
-        if code in stop_codes():  # stopped on a signal sent to it alone: the sweep stops, as in one process
-            os.kill(os.getpid(), code - 128)  # this process's handler passes it on, to its own stack too
-        elif code != 0:
+        if code == 0 or (code == 1 and self.relay.received):
+            return  # finished, or stopped at once by a second Ctrl-C (an exception's exit status)
+        if code in stop_codes():
+            if not self.stopped():  # stopped on a signal sent to it alone: the sweep stops, as in one process
+                self.stopping = True
+                os.kill(os.getpid(), code - 128)  # this process's handler passes it on, to its own stack too
+        else:  # it died (out of memory, killed) or ended on an error
             stack = [self.members[idx] for idx in self.stacks[number] if idx not in finished]
             fail_unfinished_members(stack, number, code, handed_over)
             if any(m.cfg["trainer"]["on_error"] == "raise" for m in stack):
                 self.raised.append(number)
 
 
-def stop_all(running: dict) -> None:
-    """SIGTERM to every running stack process: each checkpoints its members and stops."""
-    for process, *_ in list(running.values()):
-        with contextlib.suppress(ValueError, ProcessLookupError):  # ended (closed) in between
-            if process.exitcode is None:
-                os.kill(process.pid, signal.SIGTERM)
-
-
 @contextlib.contextmanager
-def stopping_stacks_on_error(running: dict):
+def stopping_stacks_on_error(others: OtherStacks):
     """An error in this process's own work stops the running stacks (each checkpoints) instead of leaving it to
-    wait at exit for them to train to the end."""
+    wait at exit for them to train to the end; no further one starts."""
+    from reglab.preemption import pass_on
+
     try:
         yield
     except BaseException:
-        stop_all(running)
+        others.stopping = True
+        pass_on(signal.SIGTERM, others.running)
         raise
 
 
