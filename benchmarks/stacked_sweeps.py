@@ -252,8 +252,9 @@ def main(argv=None) -> int:
     )
     context[0] = context[0].replace(
         "training runs use 1 thread",
-        "a lone job trains on 1 thread; the stacked launcher trains a stack per core, each in its own process on "
-        "1 thread (hydra.launcher.processes=auto, trainer.threads=auto)",
+        "a lone job trains on 1 thread; the stacked launcher trains a stack per core, the launcher's process one of "
+        "them and each other one in a process of its own, on 1 thread (hydra.launcher.processes=auto, "
+        "trainer.threads=auto)",
     )
     context.append(f"Device: {args.device}; load average before the first sweep: {load_before:.2f}.  ")
     lines = [*context, "", bench.format_table(rows), "", bench.target_summary(rows)]
