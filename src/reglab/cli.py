@@ -25,7 +25,7 @@ from reglab.schema import resolved, validate
 
 PARALLEL_LAUNCHERS = ("joblib", "submitit", "ray")
 
-# At exit, freeze what was created since (torch._dynamo loads with the first optimizer) so that interpreter
+# At exit, freeze what was created since (W&B, matplotlib, a compiled model's torch._dynamo) so that interpreter
 # teardown does not walk it all; registered at import, so it runs after the exit handlers of W&B (imported later).
 atexit.register(gc.freeze)
 

@@ -6,7 +6,13 @@ is one small operation per tensor: together ~2.5x the fused kernel's own time (K
 a step, 275 µs here). `FusedAdam` calls the same kernel with the same arguments from lists it keeps, with the
 step counts of a group's tensors as views of one tensor that a single `add_` advances, so every number is the
 built-in's (tested against it bit for bit). Whenever a tensor, its gradient or its state is not the one kept
-(the first step, a member that stopped training, a restored state), the step is the built-in's own.
+(the first step, a member that stopped training, a restored state), the lists are made anew, with the state of a
+tensor that has none made as the built-in makes it. Settings the lists do not serve (AMSGrad, a closure, ...) take
+the built-in's own step.
+
+torch keeps torch.compile out of an optimizer's methods with wrappers that import all of torch._dynamo (~1 s, a
+tenth of a short run's start) the first time one is called: this optimizer is never compiled (`trainer.compile`
+compiles the model), so it adds its groups and takes its steps without them.
 """
 
 from __future__ import annotations
@@ -17,18 +23,23 @@ from torch import Tensor
 
 class FusedAdam(torch.optim.Adam):
     def __init__(self, params, **settings):
-        super().__init__(params, fused=True, **settings)
         self._kept: list[_Group] | None = None
+        super().__init__(params, fused=True, **settings)
+
+    def add_param_group(self, param_group: dict) -> None:
+        _unwrapped(torch.optim.Optimizer.add_param_group)(self, param_group)
+        self._kept = None
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is None and self._holds():
-            for kept in self._kept:
-                kept.step()
-            return None
-        loss = _builtin_step(self, closure)
-        self._kept = [_Group(group, self.state) for group in self.param_groups] if self._servable() else None
-        return loss
+        if closure is not None or not self._servable():
+            self._kept = None
+            return _builtin_step(self, closure)
+        if not self._holds():
+            self._kept = [_Group(group, self.state) for group in self.param_groups]
+        for kept in self._kept:
+            kept.step()
+        return None
 
     def _holds(self) -> bool:
         """Whether the kept lists still are the optimizer's: its groups, tensors, gradients and state, and no
@@ -59,9 +70,16 @@ class FusedAdam(torch.optim.Adam):
                 return False
             if not group.get("fused") or isinstance(group["lr"], Tensor):
                 return False
-            if len({(p.device, p.dtype) for p in group["params"] if p.grad is not None}) > 1:
+            stepped = [p for p in group["params"] if p.grad is not None]
+            if len({(p.device, p.dtype) for p in stepped}) > 1 or any(p.is_complex() for p in stepped):
                 return False
         return True
+
+
+def _unwrapped(method):
+    """An optimizer method without torch's torch.compile guard (`torch._disable_dynamo`, which keeps the original
+    as `__wrapped__`)."""
+    return getattr(method, "__wrapped__", method)
 
 
 def _builtin_step(optimizer: FusedAdam, closure):
@@ -78,6 +96,9 @@ class _Group:
         self.group = group
         self.params = [p for p in group["params"] if p.grad is not None]
         self.grads = [p.grad for p in self.params]
+        for p in self.params:
+            if not state.get(p):
+                state[p] = _new_state(p)
         states = [state[p] for p in self.params]
         self.exp_avgs = [s["exp_avg"] for s in states]
         self.exp_avg_sqs = [s["exp_avg_sq"] for s in states]
@@ -128,6 +149,16 @@ class _Group:
             grad_scale=None,
             found_inf=None,
         )
+
+
+def _new_state(p: Tensor) -> dict[str, Tensor]:
+    """A tensor's state before its first step, as `torch.optim.Adam(fused=True)` makes it (`Adam._init_group`): a
+    float32 step count on the tensor's device, both moments zero."""
+    return {
+        "step": torch.zeros((), dtype=torch.float32, device=p.device),
+        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+    }
 
 
 def _scalar(value: float | Tensor) -> float:

@@ -440,8 +440,6 @@ def stack_process(pipe: Connection, launcher: int) -> None:
     signal_when_parent_dies(signal.SIGTERM, launcher)
     import gc
 
-    import torch._dynamo  # noqa: F401  (the optimizer's first step imports it, ~1.7 s: now, while waiting)
-
     from reglab.cli import train_one_stack
     from reglab.loop import Member
 
