@@ -2,6 +2,7 @@
 
 import math
 import random
+import threading
 
 import pytest
 import torch
@@ -311,6 +312,62 @@ def test_plots_are_written_as_png(tmp_path):
     for path in paths:
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         assert path.stat().st_size > 5000
+
+
+def _pixels(path) -> bytes:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size, image.tobytes()
+
+
+def _run_figures(seed: int, epochs: int, markers: dict, zeros: int) -> list:
+    """One run's values for its three figures: curves, reliability and weight histogram (`zeros` weights zeroed)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = history(u_shape(epochs // 3, epochs=epochs), [seed + 2.0 / e for e in range(1, epochs + 1)])
+    for row in rows:
+        row.update({"train/acc": 0.5 + row["epoch"] / (4 * epochs), "val/acc": 0.3 + seed / 10})
+    rows[epochs // 2]["val/loss"] = None  # a gap
+    logits = (1 + seed) * torch.randn(200 + 100 * seed, 10, generator=generator)
+    targets = torch.randint(10, (len(logits),), generator=generator)
+    weights = [
+        (10.0**-seed) * torch.randn(30, 20, generator=generator),
+        torch.randn(5, 30, generator=generator),
+    ]
+    weights[0].view(-1)[:zeros] = 0
+    return [
+        (diagnostics.plot_curves, (rows,), markers),
+        (diagnostics.plot_reliability, (logits, targets), {}),
+        (diagnostics.plot_weight_histogram, (weights,), {}),
+    ]
+
+
+def _draw(figures: list, directory) -> list:
+    return [
+        function(*args, directory / f"{function.__name__}.png", **options)
+        for function, args, options in figures
+    ]
+
+
+def test_figures_drawn_into_kept_figures_are_those_of_new_figures_pixel_for_pixel(tmp_path, monkeypatch):
+    """A process draws each run's figures into the figures it drew the run before with (`diagnostics._kept`): what
+    a run gets must not depend on the runs before it: other lengths, markers, gaps, ranges, zeros."""
+    runs = [
+        _run_figures(0, 60, dict(best_epoch=20, onset_epoch=25, stop_epoch=60), zeros=0),
+        _run_figures(1, 150, dict(best_epoch=140), zeros=30),
+        _run_figures(2, 12, {}, zeros=600),
+    ]
+    runs.append(
+        [
+            (f, ([torch.zeros(3, 3)],), {}) if f is diagnostics.plot_weight_histogram else (f, a, o)
+            for f, a, o in runs[0]
+        ]
+    )
+    kept = [_draw(run, tmp_path / f"kept{i}") for i, run in enumerate(runs)]
+    for i, run in enumerate(runs):
+        monkeypatch.setattr(diagnostics, "_kept", threading.local())  # nothing kept: new figures
+        for new, reused in zip(_draw(run, tmp_path / f"new{i}"), kept[i], strict=True):
+            assert _pixels(new) == _pixels(reused), (i, new.name)
 
 
 @pytest.mark.parametrize("models, samples", [(1, 3200), (3, 800), (24, 3200)])
