@@ -351,18 +351,20 @@ def _draw(figures: list, directory) -> list:
 
 def test_figures_drawn_into_kept_figures_are_those_of_new_figures_pixel_for_pixel(tmp_path, monkeypatch):
     """A process draws each run's figures into the figures it drew the run before with (`diagnostics._kept`): what
-    a run gets must not depend on the runs before it: other lengths, markers, gaps, ranges, zeros."""
+    a run gets must not depend on the runs before it: other lengths, markers, gaps, ranges, zeros, a diverged run's
+    panel without a finite value."""
     runs = [
         _run_figures(0, 60, dict(best_epoch=20, onset_epoch=25, stop_epoch=60), zeros=0),
         _run_figures(1, 150, dict(best_epoch=140), zeros=30),
         _run_figures(2, 12, {}, zeros=600),
     ]
-    runs.append(
-        [
-            (f, ([torch.zeros(3, 3)],), {}) if f is diagnostics.plot_weight_histogram else (f, a, o)
-            for f, a, o in runs[0]
-        ]
-    )
+    zero_weights = [
+        (f, ([torch.zeros(3, 3)],), {}) if f is diagnostics.plot_weight_histogram else (f, a, o)
+        for f, a, o in runs[0]
+    ]
+    diverged = [{"epoch": e, "train/loss": math.nan, "val/loss": math.inf, "train/acc": 0.1} for e in (1, 2)]
+    runs += [zero_weights, [(diagnostics.plot_curves, (diverged,), {}), *zero_weights[1:]]]
+    monkeypatch.setattr(diagnostics, "_kept", threading.local())  # the first run into new figures too
     kept = [_draw(run, tmp_path / f"kept{i}") for i, run in enumerate(runs)]
     for i, run in enumerate(runs):
         monkeypatch.setattr(diagnostics, "_kept", threading.local())  # nothing kept: new figures
@@ -384,6 +386,18 @@ def test_prediction_metrics_of_stacked_models_equal_each_model_alone_exactly(mod
         assert {name: stacked[name][k].item() for name in alone} == {
             name: v.item() for name, v in alone.items()
         }
+
+
+def test_prediction_metrics_without_calibration_are_the_nll_and_acc_of_the_full_set():
+    """The training split's per-epoch metrics skip the binning (only its loss and acc are logged): the two it gives
+    must be the very values of the full set."""
+    generator = torch.Generator().manual_seed(7)
+    logits = 2.5 * torch.randn(3, 500, 10, generator=generator)
+    targets = torch.randint(10, (3, 500), generator=generator)
+    full = diagnostics.prediction_metrics(logits, targets)
+    lean = diagnostics.prediction_metrics(logits, targets, calibration=False)
+    assert lean.keys() == {"nll", "acc"}
+    assert all(torch.equal(lean[name], full[name]) for name in lean)
 
 
 PLOTTER_OWNER = """

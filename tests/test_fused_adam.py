@@ -118,6 +118,29 @@ def test_a_state_put_back_by_hand_is_the_one_stepped(builtin_steps):
     assert builtin_steps == []  # the lists made anew after each state put back
 
 
+def test_a_grad_scalers_scale_and_a_setting_changed_later_take_the_builtin_step(builtin_steps):
+    """A GradScaler sets the optimizer's inverse scale and inf flag for a step (the built-in unscales, or skips the
+    step and takes its count back); a group switched to AMSGrad after the lists were kept is the built-in's too."""
+    builtin_groups, ours_groups = _groups(), _groups()
+    builtin = torch.optim.Adam(builtin_groups, lr=1e-2, fused=True)
+    ours = FusedAdam(ours_groups, lr=1e-2)
+    scaled = {2: torch.tensor(0.0), 3: torch.tensor(1.0)}  # step 3's gradients "overflowed": skipped
+    for step in range(7):
+        for groups, optimizer in ((builtin_groups, builtin), (ours_groups, ours)):
+            if step in scaled:
+                optimizer.grad_scale, optimizer.found_inf = torch.tensor(0.5), scaled[step]
+            if step == 5:
+                optimizer.param_groups[1]["amsgrad"] = True
+                optimizer.state[groups[1]["params"][0]]["max_exp_avg_sq"] = torch.zeros_like(
+                    groups[1]["params"][0]
+                )
+            _gradients(groups, step)
+            optimizer.step()
+            optimizer.grad_scale = optimizer.found_inf = None
+        assert _same(builtin_groups, ours_groups), step
+    assert len(builtin_steps) == 4  # the two scaled steps and the two AMSGrad ones
+
+
 def test_building_and_stepping_imports_no_torch_dynamo():
     """torch's compile guards on an optimizer's methods import torch._dynamo (~1 s) on first use: FusedAdam goes
     without them (a fresh interpreter: this one may have imported it already)."""

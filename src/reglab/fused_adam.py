@@ -32,11 +32,14 @@ class FusedAdam(torch.optim.Adam):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if closure is None and self._holds():  # lists were kept only for servable groups: they still are
+            for kept in self._kept:
+                kept.step()
+            return None
         if closure is not None or not self._servable():
             self._kept = None
             return _builtin_step(self, closure)
-        if not self._holds():
-            self._kept = [_Group(group, self.state) for group in self.param_groups]
+        self._kept = [_Group(group, self.state) for group in self.param_groups]
         for kept in self._kept:
             kept.step()
         return None
@@ -62,18 +65,31 @@ class FusedAdam(torch.optim.Adam):
         self._kept = None
 
     def _servable(self) -> bool:
-        """Whether the kept lists can take the next steps: every group with the kernel's plain settings (no
-        AMSGrad, maximize, capture or tensor lr), its tensors of one device and dtype (the built-in sorts them by
-        both)."""
+        """Whether the kept lists can take the next steps: no GradScaler's scale to apply, every group with the
+        kernel's plain settings (no AMSGrad, maximize, capture or tensor lr), its tensors plain ones of one device
+        and dtype (the built-in sorts them by both)."""
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            return False  # a GradScaler's: the built-in unscales and skips steps with inf gradients
         for group in self.param_groups:
-            if any(group.get(key) for key in ("amsgrad", "maximize", "capturable", "differentiable")):
-                return False
-            if not group.get("fused") or isinstance(group["lr"], Tensor):
+            if not _plain_settings(group):
                 return False
             stepped = [p for p in group["params"] if p.grad is not None]
-            if len({(p.device, p.dtype) for p in stepped}) > 1 or any(p.is_complex() for p in stepped):
+            if len({(p.device, p.dtype) for p in stepped}) > 1 or not all(map(_plain_tensor, stepped)):
                 return False
         return True
+
+
+def _plain_tensor(p: Tensor) -> bool:
+    """A real floating tensor on the CPU or a GPU with a dense gradient: anything else the built-in checks (and
+    rejects with its own error, or handles) on its first step."""
+    return p.is_floating_point() and p.device.type in ("cpu", "cuda") and not p.grad.is_sparse
+
+
+def _plain_settings(group: dict) -> bool:
+    """A group with the kernel's plain settings: fused, no AMSGrad, maximize, capture or tensor lr."""
+    if any(group.get(key) for key in ("amsgrad", "maximize", "capturable", "differentiable")):
+        return False
+    return bool(group.get("fused")) and not isinstance(group["lr"], Tensor)
 
 
 def _unwrapped(method):
@@ -109,7 +125,10 @@ class _Group:
         self.steps = [s["step"] for s in states]
 
     def holds(self, state: dict) -> bool:
-        """Whether the group still trains exactly these tensors with exactly these gradients and state."""
+        """Whether the group still trains exactly these tensors with exactly these gradients and state, with the
+        kernel's plain settings."""
+        if not _plain_settings(self.group):
+            return False
         params = [p for p in self.group["params"] if p.grad is not None]
         if len(params) != len(self.params):
             return False
@@ -119,9 +138,9 @@ class _Group:
                 p is not self.params[k]
                 or p.grad is not self.grads[k]
                 or s is None
-                or s["step"] is not self.steps[k]
-                or s["exp_avg"] is not self.exp_avgs[k]
-                or s["exp_avg_sq"] is not self.exp_avg_sqs[k]
+                or s.get("step") is not self.steps[k]
+                or s.get("exp_avg") is not self.exp_avgs[k]
+                or s.get("exp_avg_sq") is not self.exp_avg_sqs[k]
             ):
                 return False
         return True

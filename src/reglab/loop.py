@@ -504,7 +504,8 @@ def shuffled_batches(data: DataSplits, stack: Stack):
     if trainer["loader"] == "tensors":
         orders = orders.to(data.x_train.device)
         source = (
-            (data.x_train[idx], data.y_train.gather(1, idx)) for idx in orders.split(trainer["batch_size"], 1)
+            (rows(data.x_train, idx), data.y_train.gather(1, idx))
+            for idx in orders.split(trainer["batch_size"], 1)
         )
     else:
         source = loader_batches(data, orders, trainer, device)
@@ -513,6 +514,12 @@ def shuffled_batches(data: DataSplits, stack: Stack):
         if stack.members[0].cfg["dataset"]["augment"]:
             x = torch.stack([shift_and_flip(x[k], m.batch_generator) for k, m in enumerate(stack.members)])
         yield x, Targets(y, data.num_classes)  # each member's one-hot labels, until a technique changes them
+
+
+def rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x[idx] for indices [K, B]: the rows [K, B, ...], by index_select (a fifth of the time of x[idx]'s general
+    indexing for a K=24 stack's batch of MNIST-1D rows, measured: 18 against 81 µs)."""
+    return x.index_select(0, idx.flatten()).view(*idx.shape, *x.shape[1:])
 
 
 def loader_batches(data: DataSplits, orders: Tensor, trainer: dict, device):
@@ -619,7 +626,9 @@ def epoch_metrics(model, data: DataSplits, regs, losses, lrs: list[float], stack
     distort it), the training objective, weight statistics and the learning rate."""
     data_loss, penalty = losses
     batch, members = stack.trainer["eval_batch_size"], len(stack.members)
-    train = evaluate(model, data.x_train, data.y_train, batch)
+    train = evaluate(
+        model, data.x_train, data.y_train, batch, calibration=False
+    )  # its loss and acc are logged
     val = evaluate(model, data.x_val, data.y_val.expand(members, -1), batch)
     values = {}
     for k in range(members):
@@ -675,8 +684,11 @@ FEWEST_EVALUATED = 64
 SCORED_AT_ONCE = 2**19  # samples x members scored in one call by `evaluate`
 
 
-def evaluate(model, x: Tensor, y: Tensor, batch_size: int) -> list[dict[str, Tensor]]:
-    """Per member: loss (= nll), acc, ece, confidence as 0-d tensors, no host sync. y is [K, N]."""
+def evaluate(
+    model, x: Tensor, y: Tensor, batch_size: int, calibration: bool = True
+) -> list[dict[str, Tensor]]:
+    """Per member: loss (= nll), acc, and with `calibration` ece and confidence, as 0-d tensors, no host sync. y is
+    [K, N]."""
     logits = predict_all(model, x, batch_size, len(y))
     y = y.to(logits.device)
     # as many members at once as keep the scores' temporaries small (a one-hot [members, N, 15] of int64 for the
@@ -686,17 +698,18 @@ def evaluate(model, x: Tensor, y: Tensor, batch_size: int) -> list[dict[str, Ten
     # thread, as in its lone run (trainer.threads=auto gives a stack more)
     with diagnostics.one_thread():
         parts = [
-            scores(logits[first : first + step], y[first : first + step]) for first in range(0, len(y), step)
+            scores(logits[first : first + step], y[first : first + step], calibration)
+            for first in range(0, len(y), step)
         ]
     return [{name: part[name][k] for name in part} for part in parts for k in range(len(part["loss"]))]
 
 
 @torch.inference_mode()
-def scores(logits: Tensor, y: Tensor) -> dict[str, Tensor]:
+def scores(logits: Tensor, y: Tensor, calibration: bool = True) -> dict[str, Tensor]:
     """One model's metrics (logits [N, classes]), or each member's (logits [K, N, classes]). loss = nll = plain
     cross-entropy, whatever the training objective: comparable across techniques (the training objective itself,
     e.g. smoothed cross-entropy, is logged as loss/data)."""
-    metrics = diagnostics.prediction_metrics(logits, y)
+    metrics = diagnostics.prediction_metrics(logits, y, calibration=calibration)
     return {"loss": metrics["nll"], **metrics}
 
 

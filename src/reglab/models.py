@@ -435,9 +435,9 @@ def find_block(model: nn.Module, name: str, member: int, among: set[int]) -> tup
 def clear_gradients(model: nn.Module) -> None:
     """Zero the stacked gradients in place before a backward pass, which then adds into them (0 + g is g): the
     members' slices keep viewing the same tensors, so `share_gradients` hands them out once, not every step."""
-    for _, param, _ in _slices(model):
-        if param.grad is not None:
-            param.grad.zero_()
+    grads = [param.grad for _, param, _ in _slices(model) if param.grad is not None]
+    if grads:  # none before the first backward pass
+        torch._foreach_zero_(grads)
 
 
 def share_gradients(model: nn.Module, members: list[int]) -> None:

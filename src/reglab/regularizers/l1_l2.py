@@ -122,9 +122,11 @@ def coupled_weight_decay_(params: Iterable[Tensor], weight_decay: float) -> None
     (for SGD, Adam, RMSprop, ...). Parameters without a gradient are skipped.
     """
     with torch.no_grad():
-        for p in params:
-            if p.grad is not None:
-                p.grad.add_(p, alpha=weight_decay)
+        stepped = [p for p in params if p.grad is not None]
+        if (
+            stepped
+        ):  # one call for the list (on the CPU it adds tensor by tensor, as grad.add_(p, alpha=λ) does)
+            torch._foreach_add_([p.grad for p in stepped], stepped, alpha=weight_decay)
 
 
 def decoupled_weight_decay_(params: Iterable[Tensor], lr: float, weight_decay: float) -> None:
