@@ -680,24 +680,9 @@ class _ReliabilityFigure:
         self.figure = _figure((5.5, 5), dict(left=0.13, right=0.97, bottom=0.1, top=0.92))
         self.axes = axes = self.figure.subplots()
         lower_edges, zeros = [b / n_bins for b in range(n_bins)], [0.0] * n_bins
-        self.share = axes.bar(
-            lower_edges,
-            zeros,
-            width=1 / n_bins,
-            align="edge",
-            color="grey",
-            alpha=0.25,
-            label="share of samples",
-        )
-        self.accuracy = axes.bar(
-            lower_edges,
-            zeros,
-            width=1 / n_bins,
-            align="edge",
-            edgecolor="tab:blue",
-            fill=False,
-            label="accuracy",
-        )
+        bars = partial(axes.bar, lower_edges, zeros, width=1 / n_bins, align="edge")
+        self.share = bars(color="grey", alpha=0.25, label="share of samples")
+        self.accuracy = bars(edgecolor="tab:blue", fill=False, label="accuracy")
         axes.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="perfect calibration")
         axes.set_xlim(0, 1)
         axes.set_ylim(0, 1)
