@@ -589,7 +589,7 @@ def _rescaled(axes, verticals: Sequence = ()) -> None:
     finally:
         for line in shown:
             line.set_visible(True)
-    for line in shown:
+    for line in shown:  # after relim, which starts the data limits afresh
         axes.update_datalim([(line.get_xdata()[0], 0.0)], updatey=False)
     axes.autoscale_view()
 
@@ -667,7 +667,8 @@ def plot_curves(
 ) -> Path:
     """curves.png: loss (left) and accuracy (right) per epoch, training vs validation, with vertical markers at
     the best epoch, the overfitting onset and the early stop (each only if given). Returns `path`."""
-    # a panel without a finite value keeps the limits it had (matplotlib autoscales from data only): a new figure's
+    # a panel without a finite value would keep the last run's limits (matplotlib autoscales from data only): such
+    # a run gets a new figure
     curves = _kept_figure("curves", _CurvesFigure) if _finite_panels(history) else _CurvesFigure()
     curves.show(history, (best_epoch, onset_epoch, stop_epoch), title or "training vs validation")
     return _save(curves.figure, path)

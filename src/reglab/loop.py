@@ -626,9 +626,8 @@ def epoch_metrics(model, data: DataSplits, regs, losses, lrs: list[float], stack
     distort it), the training objective, weight statistics and the learning rate."""
     data_loss, penalty = losses
     batch, members = stack.trainer["eval_batch_size"], len(stack.members)
-    train = evaluate(
-        model, data.x_train, data.y_train, batch, calibration=False
-    )  # its loss and acc are logged
+    # of the training split only loss and acc are logged: no calibration binning
+    train = evaluate(model, data.x_train, data.y_train, batch, calibration=False)
     val = evaluate(model, data.x_val, data.y_val.expand(members, -1), batch)
     values = {}
     for k in range(members):

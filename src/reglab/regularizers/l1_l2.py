@@ -123,9 +123,8 @@ def coupled_weight_decay_(params: Iterable[Tensor], weight_decay: float) -> None
     """
     with torch.no_grad():
         stepped = [p for p in params if p.grad is not None]
-        if (
-            stepped
-        ):  # one call for the list (on the CPU it adds tensor by tensor, as grad.add_(p, alpha=λ) does)
+        # one call for the list: on the CPU it adds tensor by tensor, as grad.add_(p, alpha=λ) does
+        if stepped:
             torch._foreach_add_([p.grad for p in stepped], stepped, alpha=weight_decay)
 
 
