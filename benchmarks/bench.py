@@ -25,6 +25,7 @@ import datetime
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
@@ -662,6 +663,29 @@ def memory_gib() -> str:
         return "unknown memory"
 
 
+def memory_bandwidth() -> str:
+    """One thread's copy rate (bytes read + written per second) from a block that fits in the caches (1 MiB) and
+    from one that does not (256 MiB), the best of three rounds each. A stack moves K members' weights, gradients,
+    optimizer states and activations every step (~6 MB for the 24 MLPs a core trains in the 48-job grid), so
+    stacked sweeps gain less on a host whose memory is slow: the line tells such a machine apart from a fast one
+    of the same CPU model (docs/performance.md)."""
+    import numpy as np
+
+    rates = []
+    for mib, copies in ((1, 500), (256, 4)):
+        source = np.ones(mib * 2**18, dtype=np.float32)
+        target = np.empty_like(source)
+        np.copyto(target, source)  # the pages exist before the clock starts
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(copies):
+                np.copyto(target, source)
+            best = min(best, time.perf_counter() - start)
+        rates.append(2 * mib * copies / 1024 / best)
+    return f"memory copy {rates[0]:.0f} GiB/s in cache (1 MiB), {rates[1]:.0f} GiB/s from RAM (256 MiB), one thread"
+
+
 def context_lines(args: argparse.Namespace) -> list[str]:
     def version(package: str) -> str:
         try:
@@ -674,7 +698,8 @@ def context_lines(args: argparse.Namespace) -> list[str]:
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return [
         f"Date: {now}; mode: {mode}, {args.repeats} repeat(s), interleaved, medians; training runs use 1 thread.",
-        f"Hardware: {cpu_model()}, {cores} cores, {memory_gib()}, {platform.system()} {platform.machine()}.",
+        f"Hardware: {cpu_model()}, {cores} cores, {memory_gib()}, {platform.system()} {platform.machine()}; "
+        f"{memory_bandwidth()}.",
         f"Versions: Python {platform.python_version()}, torch {version('torch')}, reglab {version('reglab')} "
         f"({git_commit()}), hydra-core {version('hydra-core')}, wandb {version('wandb')}.",
     ]

@@ -8,9 +8,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -197,3 +199,14 @@ def test_sweep_benchmark_brackets_every_baseline_between_stacked_runs():
     assert basic.a == "300.0 s" and basic.b.startswith("90.0 s (80.0 / 100.0)")  # 16 jobs scaled to 48
     assert joblib.a == "200.0 s" and joblib.b.startswith("110.0 s (100.0 / 120.0)")
     assert basic.result == "FAIL" and joblib.result == "FAIL"  # 0.30x > 0.20x; 0.55x > 0.40x
+
+
+def test_the_context_line_names_the_memory_bandwidth():
+    """The Hardware line says how fast one thread copies in cache and from RAM (machines of one CPU model differ)."""
+    bench = load_bench(ROOT / "benchmarks" / "bench.py", "reglab_bench_context")
+    probe = bench.memory_bandwidth()
+    rates = [float(x) for x in re.findall(r"(\d+) GiB/s", probe)]
+    assert len(rates) == 2 and all(rate > 0 for rate in rates), probe
+    args = SimpleNamespace(smoke=True, repeats=1)
+    hardware = next(line for line in bench.context_lines(args) if line.startswith("Hardware:"))
+    assert "GiB/s in cache (1 MiB)" in hardware and "GiB/s from RAM (256 MiB)" in hardware

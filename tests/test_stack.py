@@ -32,7 +32,14 @@ JOBS = {
         "regularizer.l2.weight_decay=0.1",
         "regularizer.l2.impl=torch",
     ],
+    "l2_penalty_torch": [
+        "regularizer=l2",
+        "regularizer.l2.mode=penalty",
+        "regularizer.l2.weight_decay=0.01",
+        "regularizer.l2.impl=torch",
+    ],
     "l1_proximal": ["regularizer=l1", "regularizer.l1.strength=0.01"],
+    "l1_proximal_torch": ["regularizer=l1", "regularizer.l1.strength=0.01", "regularizer.l1.impl=torch"],
     "l1_subgradient": ["regularizer=l1", "regularizer.l1.mode=subgradient", "regularizer.l1.impl=torch"],
     "label_smoothing": ["regularizer=label_smoothing", "regularizer.label_smoothing.eps=0.2"],
     "label_smoothing_torch": ["regularizer=label_smoothing", "regularizer.label_smoothing.impl=torch"],
@@ -43,6 +50,8 @@ JOBS = {
         "regularizer.early_stopping.mode=max",
     ],
     "dropout": ["regularizer=dropout", "regularizer.dropout.p=0.5", "regularizer.dropout.max_norm=2.0"],
+    # Monte Carlo dropout at the end: its passes draw from the member's own noise generator
+    "mc_dropout": ["regularizer=dropout", "regularizer.dropout.mc_samples=4", "trainer.seed=3"],
     "mixup": ["regularizer=mixup", "regularizer.mixup.alpha=0.4"],
     "mixup_torch": ["regularizer=mixup", "regularizer.mixup.impl=torch"],
     "cutmix": ["regularizer=cutmix"],
@@ -89,7 +98,7 @@ JOBS = {
 }
 
 
-RESIDUAL = {  # model: the jobs of its stack
+OTHER_MODELS = {  # model: the jobs of its stack
     "resmlp": {
         "resmlp_seed0": ["trainer.seed=0"],
         "resmlp_seed1": ["trainer.seed=1"],
@@ -110,11 +119,48 @@ RESIDUAL = {  # model: the jobs of its stack
         ],
         "resnet_noise": ["regularizer=noise", "regularizer.noise.hidden_sigma=0.2", "trainer.seed=1"],
     },
+    "cnn1d": {
+        "cnn1d_seed0": ["trainer.seed=0"],
+        "cnn1d_dropout": ["regularizer=[dropout,l2]", "regularizer.dropout.conv_p=0.2"],
+        "cnn1d_element_dropout": [
+            "regularizer=dropout",
+            "regularizer.dropout.conv_kind=element",
+            "trainer.seed=1",
+        ],
+    },
+    # 2-D: images (scikit-learn's 8x8 digits), with the per-member augmentation (shifts and flips drawn from each
+    # member's batch generator), conv dropout of both kinds and torchvision's CutMix, which takes images only
+    "cnn": {
+        "cnn_seed0": ["trainer.seed=0"],
+        "cnn_augment": ["dataset.augment=true", "trainer.seed=1"],
+        "cnn_channel_dropout": ["regularizer=dropout", "regularizer.dropout.conv_p=0.2"],
+        "cnn_element_dropout": [
+            "regularizer=dropout",
+            "regularizer.dropout.conv_p=0.2",
+            "regularizer.dropout.conv_kind=element",
+            "dataset.augment=true",
+        ],
+        "cnn_cutmix_torch": ["regularizer=[cutmix,l2]", "regularizer.cutmix.impl=torch"],
+        "cnn_cutmix": ["regularizer=cutmix", "trainer.seed=2"],
+    },
+    "resnet2d": {
+        "resnet2d_seed0": ["trainer.seed=0"],
+        "resnet2d_stochastic_depth": ["regularizer=[stochastic_depth,mixup]", "dataset.augment=true"],
+    },
 }
-SMALL = {"resmlp": ["model.width=32", "model.blocks=3"], "resnet": ["model.channels=[8,8,16]"]}
-for model, jobs in RESIDUAL.items():
-    JOBS.update({name: [f"model={model}", *SMALL[model], *overrides] for name, overrides in jobs.items()})
-STACKS = [[name for name in JOBS if not name.startswith(tuple(RESIDUAL))], *map(list, RESIDUAL.values())]
+SMALL = {
+    "resmlp": ["model=resmlp", "model.width=32", "model.blocks=3"],
+    "resnet": ["model=resnet", "model.channels=[8,8,16]"],
+    "cnn1d": ["model=cnn1d", "model.channels=[8,8]", "model.kernel_size=[5,3]"],
+    "cnn": ["dataset=digits", "model=cnn", "model.channels=[8,16]", "model.hidden=[32]"],
+    "resnet2d": ["dataset=digits", "model=resnet", "model.channels=[8,8,16]"],
+}
+for model, jobs in OTHER_MODELS.items():
+    JOBS.update({name: [*SMALL[model], *overrides] for name, overrides in jobs.items()})
+STACKS = [
+    [name for name in JOBS if not name.startswith(tuple(OTHER_MODELS))],
+    *map(list, OTHER_MODELS.values()),
+]
 
 
 def without_time(rows: list[dict]) -> list[dict]:
@@ -170,22 +216,39 @@ def test_early_stopping_ends_one_member_while_the_others_go_on(alone_and_stacked
     assert read_summary(alone_and_stacked / "stacked" / "seed0")["epochs_run"] == 4
 
 
-def test_a_diverging_member_never_touches_the_others(tmp_path, data_root):
-    JOBS["diverges"] = ["optimizer=sgd", "optimizer.lr=1e30"]
-    JOBS["sgd"] = ["optimizer=sgd"]
+PENALTY = ["regularizer=l2", "regularizer.l2.mode=penalty"]
+
+
+# the diverging member in an optimizer group of its own (another learning rate), or in the same update block as the
+# healthy one (the same optimizer settings; its penalty λ/2·Σw² overflows to inf)
+@pytest.mark.parametrize(
+    "diverges, healthy",
+    [
+        (["optimizer=sgd", "optimizer.lr=1e30"], ["optimizer=sgd"]),
+        ([*PENALTY, "regularizer.l2.weight_decay=1e38"], [*PENALTY, "regularizer.l2.weight_decay=0"]),
+    ],
+    ids=["own group", "same block"],
+)
+def test_a_diverging_member_never_touches_the_others(tmp_path, data_root, diverges, healthy):
+    JOBS["diverges"], JOBS["healthy"] = diverges, healthy
     try:
-        run(tmp_path, data_root, ["diverges", "sgd"], "stacked")
-        run(tmp_path, data_root, ["sgd"], "alone")
+        run(tmp_path, data_root, ["diverges", "healthy"], "stacked")
+        run(tmp_path, data_root, ["healthy"], "alone")
     finally:
-        del JOBS["diverges"], JOBS["sgd"]
+        del JOBS["diverges"], JOBS["healthy"]
     assert read_summary(tmp_path / "stacked" / "diverges")["status"] == "diverged"
-    assert without_time(read_metrics(tmp_path / "stacked" / "sgd")) == without_time(
-        read_metrics(tmp_path / "alone" / "sgd")
+    assert without_time(read_metrics(tmp_path / "stacked" / "healthy")) == without_time(
+        read_metrics(tmp_path / "alone" / "healthy")
     )
     assert (
-        read_summary(tmp_path / "stacked" / "sgd")["test/acc"]
-        == read_summary(tmp_path / "alone" / "sgd")["test/acc"]
+        read_summary(tmp_path / "stacked" / "healthy")["test/acc"]
+        == read_summary(tmp_path / "alone" / "healthy")["test/acc"]
     )
+    mine, theirs = (
+        torch.load(tmp_path / "stacked" / "healthy" / "last.pt"),
+        torch.load(tmp_path / "alone" / "healthy" / "last.pt"),
+    )
+    assert all(torch.equal(mine[key], theirs[key]) for key in theirs)
 
 
 def test_identical_members_of_a_cnn_stack_stay_identical(tmp_path, data_root):

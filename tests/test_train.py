@@ -237,7 +237,11 @@ def test_a_run_imports_only_what_it_uses(tmp_path, data_root):
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_the_optuna_search_writes_its_best_parameters(tmp_path, data_root):
+# with the stacked launcher, each batch of n_jobs trials Optuna asks for trains as one stack
+@pytest.mark.parametrize(
+    "launcher", [[], ["hydra/launcher=stacked", "hydra.sweeper.n_jobs=3"]], ids=["basic", "stacked"]
+)
+def test_the_optuna_search_writes_its_best_parameters(tmp_path, data_root, launcher):
     sweep = tmp_path / "search"
     result = run_train(
         [
@@ -248,6 +252,7 @@ def test_the_optuna_search_writes_its_best_parameters(tmp_path, data_root):
             "dataset.n_train=300",
             "logger=none",
             "trainer.plots=false",
+            *launcher,
             f"hydra.sweep.dir={sweep}",
         ],
         tmp_path,
@@ -262,5 +267,8 @@ def test_the_optuna_search_writes_its_best_parameters(tmp_path, data_root):
         "regularizer.label_smoothing.eps",
         "optimizer.lr",
     }
-    values = [read_summary(job)["val/loss"] for job in job_dirs(sweep)]
+    summaries = [read_summary(job) for job in job_dirs(sweep)]
+    values = [summary["val/loss"] for summary in summaries]
     assert len(values) == 3 and best["best_value"] == pytest.approx(min(values))
+    if launcher:  # the three trials trained together
+        assert all(summary["stack"]["size"] == 3 for summary in summaries)

@@ -511,8 +511,13 @@ def shuffled_batches(data: DataSplits, stack: Stack):
         source = loader_batches(data, orders, trainer, device)
     for x, y in source:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if stack.members[0].cfg["dataset"]["augment"]:
-            x = torch.stack([shift_and_flip(x[k], m.batch_generator) for k, m in enumerate(stack.members)])
+        if any(m.cfg["dataset"]["augment"] for m in stack.members):  # per member: an augmentation grid stacks
+            x = torch.stack(
+                [
+                    shift_and_flip(x[k], m.batch_generator) if m.cfg["dataset"]["augment"] else x[k]
+                    for k, m in enumerate(stack.members)
+                ]
+            )
         yield x, Targets(y, data.num_classes)  # each member's one-hot labels, until a technique changes them
 
 

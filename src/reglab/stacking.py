@@ -51,6 +51,7 @@ PER_MEMBER = (
     "optimizer.nesterov",
     "regularizer",
     "dataset.label_noise",
+    "dataset.augment",
     "logger",
 )
 

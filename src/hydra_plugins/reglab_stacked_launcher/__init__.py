@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra._internal.defaults_list import DefaultsList
 from hydra.core.config_store import ConfigStore
@@ -270,7 +271,9 @@ class StackedLauncher(Launcher):
 @dataclass
 class StackedSlurmConf(SlurmQueueConf):
     _target_: str = "hydra_plugins.reglab_stacked_launcher.StackedSlurmLauncher"
-    max_stack: int = 64  # at most this many jobs in one stack, that is in one SLURM job
+    # at most this many jobs in one stack, that is in one SLURM job; untyped, so that a bad value reaches
+    # `checked_max_stack` and its one-line error instead of OmegaConf's multi-line type error
+    max_stack: Any = 64
 
 
 ConfigStore.instance().store(
