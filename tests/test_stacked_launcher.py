@@ -361,9 +361,11 @@ BUILTIN_MASKS = {  # the techniques whose built-in implementation draws from tor
 def test_builtin_masks_in_a_stack_train_like_one_by_one_in_distribution(tmp_path, data_root, technique):
     """impl=torch dropout and stochastic depth draw their masks from torch's global generator, which the members of
     a stack share, so a stacked member's masks differ from its lone run's (the scratch implementations have a
-    generator per member and are exact, tests/test_stack.py). Over 8 seeds, mean test accuracy and ECE of stacked
-    and one-by-one runs agree within two standard errors of the difference of the means."""
-    seeds = range(8)
+    generator per member and are exact, tests/test_stack.py). Over 16 seeds, mean test accuracy and ECE of stacked
+    and one-by-one runs agree within two standard errors of the difference of the means. (Over the first 8 seeds
+    stochastic depth's mean ECE differed by 2.1 standard errors, 0.184 against 0.166; over 16, by 0.3: 0.170
+    against 0.168.)"""
+    seeds = range(16)
     args = ["trainer.epochs=15", "dataset.n_train=1000", *BUILTIN_MASKS[technique]]
 
     def runs(where: str, stacked: bool) -> list[dict]:
