@@ -122,6 +122,7 @@ def test_ratio_rows_judge_the_median_ratio():
     assert bench.ratio_row("1", "A vs B", "time", [1.0], [2.0], "s").result == "info"
 
 
+@pytest.mark.slow  # ~14 s on a slow 2-core machine; make test-slow (and CI) runs it
 def test_the_gpu_check_script_runs_on_the_cpu(tmp_path):
     """The prepared GPU check must work the day a GPU is lent: run two of its cases on the CPU."""
     out = tmp_path / "rows.json"
